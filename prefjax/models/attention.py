@@ -10,7 +10,9 @@ against a KV cache:
 
 Segment id 0 marks padding (and empty cache slots). The attention itself goes
 through `jax.nn.dot_product_attention` (XLA, or cuDNN on GPU) except when
-logits are soft-capped (Gemma 2), which the fused kernels do not support.
+logits are soft-capped (Gemma 2), which the fused kernels do not support, or
+when the config asks for TPU splash attention (prefjax.models.splash) on a
+forward without a KV cache.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from prefjax import sharding
+from prefjax.models import splash
 from prefjax.models.config import ModelConfig
 from prefjax.models.layers import RMSNorm, apply_rope, dtype_of, param, softcap
 
@@ -123,8 +126,13 @@ class Attention(nnx.Module):
             }
             k, v = cache["k"].astype(self.dtype), cache["v"].astype(self.dtype)
             k_positions, k_segments = cache["positions"], cache["segments"]
-        mask = attention_mask(positions_BxT, segments_BxT, k_positions, k_segments, self.window)
-        out = dot_product_attention(q, k, v, mask, scale=self.scale, logit_softcap=self.logit_softcap,
-                                    implementation=self.implementation)
+        if self.implementation == "splash" and cache is None:
+            out = splash.splash_attention(q, k, v, segments_BxT, scale=self.scale, window=self.window,
+                                          logit_softcap=self.logit_softcap)
+        else:
+            mask = attention_mask(positions_BxT, segments_BxT, k_positions, k_segments, self.window)
+            implementation = None if self.implementation == "splash" else self.implementation
+            out = dot_product_attention(q, k, v, mask, scale=self.scale, logit_softcap=self.logit_softcap,
+                                        implementation=implementation)
         out = jnp.einsum("btnh,nhd->btd", out, self.o[...].astype(self.dtype))
         return out, cache

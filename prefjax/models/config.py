@@ -14,6 +14,7 @@ import dataclasses
 from typing import Any, Optional
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+ATTENTION_IMPLS = (None, "xla", "cudnn", "splash")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
@@ -47,9 +48,11 @@ class ModelConfig:
       param_dtype, dtype: parameter storage and compute dtypes ("float32",
         "bfloat16").
       remat: rematerialisation policy per layer, one of REMAT_POLICIES.
-      attention_impl: passed to jax.nn.dot_product_attention ("xla", "cudnn",
-        or None to let jax choose); soft-capped attention always uses prefjax's
-        own einsum path because the fused kernels have no soft-cap.
+      attention_impl: None (jax chooses), "xla" or "cudnn" (passed to
+        jax.nn.dot_product_attention; soft-capped attention uses prefjax's own
+        einsum path because those kernels have no soft-cap), or "splash"
+        (TPU Pallas splash kernel for forwards without a KV cache; rows must be
+        right-padded or packed with positions counting up per segment).
     """
 
     family: str
@@ -91,6 +94,8 @@ class ModelConfig:
             problems.append(f"activation {self.activation!r} is not 'silu' or 'gelu_tanh'")
         if self.remat not in REMAT_POLICIES:
             problems.append(f"remat {self.remat!r} is not one of {REMAT_POLICIES}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            problems.append(f"attention_impl {self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
         if self.rope_scaling is not None and self.rope_scaling.get("rope_type") not in ("linear", "llama3", "default"):
             problems.append(f"rope_scaling type {self.rope_scaling.get('rope_type')!r} is not supported "
                             "(supported: default, linear, llama3)")

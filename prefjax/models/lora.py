@@ -40,6 +40,7 @@ from jax.sharding import Mesh
 
 from prefjax import sharding
 from prefjax.models.config import ModelConfig
+from prefjax.models import safetensors_format
 from prefjax.models.layers import dtype_of
 
 Array = jax.Array
@@ -455,34 +456,6 @@ def _peft_target_modules(adapters: Params, model_cfg: ModelConfig) -> Any:
     return "(" + "|".join(re.escape(name) for name in sorted(names.values())) + ")"
 
 
-_SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
-
-
-def write_safetensors(tensors: dict[str, np.ndarray], filename: str,
-                      metadata: Optional[dict[str, str]] = None) -> None:
-    """A .safetensors file (8-byte header length, JSON header, raw little-endian data)."""
-    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
-    blobs, offset = [], 0
-    for name in sorted(tensors):
-        array = np.asarray(tensors[name])
-        if array.dtype.name not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{name}: dtype {array.dtype} cannot be written to safetensors here")
-        if array.dtype.byteorder == ">":
-            array = array.byteswap().view(array.dtype.newbyteorder("<"))
-        data = np.ascontiguousarray(array).tobytes()
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[array.dtype.name], "shape": list(array.shape),
-                        "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # the format pads the header to 8-byte alignment
-    with open(filename, "wb") as f:
-        f.write(len(encoded).to_bytes(8, "little"))
-        f.write(encoded)
-        for data in blobs:
-            f.write(data)
-
-
 def export_peft(adapters: Params, lora_cfg: LoraConfig, model_cfg: ModelConfig, folder: str, *,
                 base_model_name_or_path: Optional[str] = None) -> dict[str, tuple[int, ...]]:
     """Writes a Hugging Face PEFT adapter: adapter_config.json + adapter_model.safetensors.
@@ -520,7 +493,7 @@ def export_peft(adapters: Params, lora_cfg: LoraConfig, model_cfg: ModelConfig, 
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
-    write_safetensors(tensors, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
+    safetensors_format.write(os.path.join(folder, "adapter_model.safetensors"), tensors, metadata={"format": "pt"})
     return {name: tuple(t.shape) for name, t in tensors.items()}
 
 
