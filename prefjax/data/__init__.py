@@ -1,0 +1,13 @@
+"""Preference data: files and public datasets -> canonical examples -> batches.
+
+Canonical examples (format: prefjax.data.records) come from ``load_source`` (local files,
+a prepared TFDS directory, or a registered builder); ``prefjax.data.builders`` holds the TFDS
+builders (imported on demand, since it imports tensorflow_datasets).
+"""
+
+from prefjax.data.readers import detect_format, expand_paths, read_examples, read_rows
+from prefjax.data.records import (KINDS, DataError, LoadSummary, Location, detect_shape, iter_parse,
+                                  parse_label, parse_row)
+from prefjax.data.sources import (ListSource, TfdsSource, from_files, from_tfds_builder, from_tfds_directory,
+                                  load_source)
+from prefjax.data.pipeline import DataConfig, Pipeline, PipelineConfig, make_global_batch

@@ -1,0 +1,144 @@
+"""Tokenized examples -> the Batch dict of the data contract (numpy, one process's slice).
+
+    batch = build_batch(examples, batch_size=8, num_responses=2, layout=LayoutConfig(max_len=512),
+                        pad_id=tokenizer.pad_token_id)
+
+Keys and shapes (B = ``batch_size`` examples, K = responses per example, R rows of T):
+tokens / positions / segments / example_id / response_id int32 [R, T], loss_mask float32
+[R, T], weight / margin / label float32 [B], scores float32 [B, K].
+
+Unpacked (``layout.pack`` False): R = K * B and row ``k * B + b`` holds response k of example
+b (prompt + response), so ``tokens.reshape(K, B, T)`` works; T is the bucket of the longest
+sequence. Packed: R = ``layout.pack_rows``, T = ``layout.packed_row_length``, sequences placed
+by :func:`prefjax.data.packing.pack_sequences`.
+
+Fewer than B examples (end of data) are completed with **filler examples**: weight 0, scores
+and margin nan, label 0, and two tokens per sequence (a pad-token prompt and a pad-token
+response with loss_mask 1). The one scored token keeps every response non-empty, so losses
+that divide by response length never see 0/0 (a nan times weight 0 is still nan).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+
+from prefjax.data.packing import LayoutConfig, bucket_length, pack_sequences
+from prefjax.data.tokenize import TokenizedExample
+
+ROW_KEYS = ("tokens", "positions", "segments", "loss_mask", "example_id", "response_id")
+EXAMPLE_KEYS = ("weight", "scores", "margin", "label")
+
+
+def filler_example(kind: str, num_responses: int, pad_id: int) -> TokenizedExample:
+    """A weight-0 example of two tokens per sequence (see the module docstring)."""
+    return TokenizedExample(
+        kind=kind,
+        prompt_ids=np.asarray([pad_id], np.int32),
+        response_ids=[np.asarray([pad_id], np.int32) for _ in range(num_responses)],
+        response_masks=[np.ones(1, np.int8) for _ in range(num_responses)],
+        weight=0.0,
+        scores=(math.nan,) * num_responses,
+        margin=math.nan,
+        label=0.0,
+        source="<filler>",
+    )
+
+
+def _check_uniform(examples: Sequence[TokenizedExample], kind: Optional[str], num_responses: int) -> None:
+    for ex in examples:
+        if ex.num_responses != num_responses or (kind is not None and ex.kind != kind):
+            raise ValueError(
+                f"{ex.source}: a batch needs examples of one kind with {num_responses} responses "
+                f"each (kind {kind!r}); this example is {ex.kind!r} with {ex.num_responses}"
+            )
+
+
+def _empty_rows(num_rows: int, length: int, pad_id: int) -> dict[str, np.ndarray]:
+    return {
+        "tokens": np.full((num_rows, length), pad_id, np.int32),
+        "positions": np.zeros((num_rows, length), np.int32),
+        "segments": np.zeros((num_rows, length), np.int32),
+        "loss_mask": np.zeros((num_rows, length), np.float32),
+        "example_id": np.full((num_rows, length), -1, np.int32),
+        "response_id": np.full((num_rows, length), -1, np.int32),
+    }
+
+
+def _write(
+    rows: dict[str, np.ndarray], row: int, start: int, segment: int, example: TokenizedExample, b: int, k: int
+) -> None:
+    ids, mask = example.sequence(k)
+    span = slice(start, start + len(ids))
+    rows["tokens"][row, span] = ids
+    rows["positions"][row, span] = np.arange(len(ids), dtype=np.int32)
+    rows["segments"][row, span] = segment
+    rows["loss_mask"][row, span] = mask
+    rows["example_id"][row, span] = b
+    rows["response_id"][row, span] = k
+
+
+def build_batch(
+    examples: Sequence[TokenizedExample],
+    batch_size: int,
+    num_responses: int,
+    layout: LayoutConfig,
+    pad_id: int,
+    kind: Optional[str] = None,
+) -> tuple[dict[str, np.ndarray], int]:
+    """(the Batch dict, number of examples left out by packing overflow) for up to ``batch_size`` examples."""
+    if len(examples) > batch_size:
+        raise ValueError(f"build_batch: {len(examples)} examples for a batch of {batch_size}")
+    _check_uniform(examples, kind, num_responses)
+    kind = kind or (examples[0].kind if examples else "pair")
+    filler = filler_example(kind, num_responses, pad_id)
+    slots = list(examples) + [filler] * (batch_size - len(examples))
+    left_out: list[int] = []
+    if layout.pack:
+        lengths = [[ex.sequence_length(k) for k in range(num_responses)] for ex in slots]
+        placements, left_out = pack_sequences(
+            lengths, layout.packed_row_length, layout.pack_rows, layout.pack_overflow
+        )
+        rows = _empty_rows(layout.pack_rows, layout.packed_row_length, pad_id)
+        segment_count = [0] * layout.pack_rows
+        for p in placements:
+            segment_count[p.row] += 1
+            _write(rows, p.row, p.start, segment_count[p.row], slots[p.example], p.example, p.response)
+    else:
+        longest = max(ex.sequence_length(k) for ex in slots for k in range(num_responses))
+        length = bucket_length(longest, layout.max_len, layout.buckets, layout.min_bucket)
+        rows = _empty_rows(num_responses * batch_size, length, pad_id)
+        for b, ex in enumerate(slots):
+            for k in range(num_responses):
+                _write(rows, k * batch_size + b, 0, 1, ex, b, k)
+    weight = np.asarray([ex.weight for ex in slots], np.float32)
+    weight[left_out] = 0.0  # dropped by packing overflow: in no row, so it must not count
+    batch = dict(rows)
+    batch["weight"] = weight
+    batch["scores"] = np.asarray([ex.scores for ex in slots], np.float32).reshape(batch_size, num_responses)
+    batch["margin"] = np.asarray([ex.margin for ex in slots], np.float32)
+    batch["label"] = np.asarray([ex.label for ex in slots], np.float32)
+    return batch, len(left_out)
+
+
+def pad_batch_length(batch: dict[str, np.ndarray], length: int, pad_id: int) -> dict[str, np.ndarray]:
+    """The batch with its rows padded on the right to ``length`` (used to agree on T across processes)."""
+    current = batch["tokens"].shape[1]
+    if length < current:
+        raise ValueError(f"pad_batch_length: cannot shorten rows of {current} to {length}")
+    if length == current:
+        return batch
+    fill = {
+        "tokens": pad_id,
+        "positions": 0,
+        "segments": 0,
+        "loss_mask": 0.0,
+        "example_id": -1,
+        "response_id": -1,
+    }
+    out = dict(batch)
+    for key, value in fill.items():
+        out[key] = np.pad(batch[key], ((0, 0), (0, length - current)), constant_values=value)
+    return out
