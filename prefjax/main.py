@@ -1,7 +1,11 @@
-"""prefjax's main job: python -m prefjax.main --config=configs/quickstart.py --workdir=DIR.
+"""prefjax's main job: python -m prefjax.main --config=configs/<experiment>.py --workdir=DIR.
 
-Today the job is the synthetic bandit preference-tuning run (`prefjax.bandit_train`);
-override any config key on the command line, e.g.
+A config with job="train" runs the sharded preference trainer (`prefjax.train`;
+e.g. configs/tiny_dpo.py); rerunning the same command in the same workdir resumes.
+Multi-host runs initialise jax.distributed from config.distributed (coordinator
+address, process count and id) or, on TPU pods and SLURM, from the environment.
+The quick-start config runs the synthetic bandit (`prefjax.bandit_train`).
+Override any config key on the command line, e.g.
 
     python -m prefjax.main --config=configs/quickstart.py --workdir=/tmp/q \\
         --config.loss_name=ipo --config.loss.beta=0.5
@@ -15,12 +19,15 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import re
 import sys
 from typing import Optional, Sequence
 
+import jax
 import ml_collections
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from prefjax import bandit_train
@@ -119,10 +126,35 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError("pass --config=configs/quickstart.py and --workdir=DIR")
     # On a CPU-only machine jax logs its failed TPU probe at INFO, which absl would print.
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    config = _CONFIG.value
+    if config.get("job", "bandit") == "train":
+        if not flags.FLAGS["verbosity"].present:
+            # orbax logs every file it renames at INFO; the trainer's own progress line suffices.
+            absl_logging.set_verbosity(absl_logging.WARNING)
+        _init_distributed(config)
+        from prefjax import config_lib, train  # pylint: disable=import-outside-toplevel
+        try:
+            train.run(config, _WORKDIR.value)
+        except (config_lib.ConfigError, train.NonFiniteLossError) as e:
+            sys.exit(f"error: {e}")
+        return
     try:
-        bandit_train.run(_CONFIG.value, _WORKDIR.value)
+        bandit_train.run(config, _WORKDIR.value)
     except bandit_train.ConfigError as e:
         sys.exit(f"error: {e}")
+
+
+def _init_distributed(config: ml_collections.ConfigDict) -> None:
+    """jax's multi-controller runtime: from the config's coordinator settings, or on a TPU pod
+    from its environment. A single process on one host needs neither."""
+    d = config.distributed
+    if d.coordinator_address:
+        jax.distributed.initialize(coordinator_address=d.coordinator_address,
+                                   num_processes=d.num_processes or None,
+                                   process_id=None if d.process_id < 0 else d.process_id)
+    elif any(os.environ.get(var) for var in ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")) or (
+            os.environ.get("SLURM_NTASKS", "1") not in ("", "1") and os.environ.get("SLURM_STEP_NODELIST")):
+        jax.distributed.initialize()  # TPU pods and SLURM clusters describe themselves
 
 
 if __name__ == "__main__":

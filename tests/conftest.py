@@ -1,7 +1,8 @@
 """Test-suite settings: 8 fake CPU devices for sharding tests, and a hypothesis profile.
 
 The device count must be set before JAX initialises its backend, so it is set
-here, before any test module imports jax. Single-device tests are unaffected
+here, before any test module imports jax; so is a lower XLA CPU optimisation level
+(compile time dominates the suite). Single-device tests are unaffected
 (they run on device 0).
 """
 
@@ -9,6 +10,11 @@ import os
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# The suite compiles hundreds of small programs and runs each a few times: LLVM's optimisation
+# passes cost more than they save here (a train step compiles ~4x faster without them). Speed
+# is measured by benchmarks/, never by tests.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 
 from hypothesis import settings  # noqa: E402
 

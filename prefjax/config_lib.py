@@ -1,0 +1,209 @@
+"""The trainer's config: defaults, and validation before anything is compiled.
+
+Experiment files (configs/*.py) start from `trainer_config()` and change what
+they need; the command line overrides any key (`--config.loss.beta=0.05`).
+`validate(config)` checks everything that can be checked without a device
+program, and raises ConfigError saying what is wrong and what is allowed:
+unknown loss names and hyperparameters, a loss that needs a reference with
+reference "none", a mesh that does not match the devices, a batch that does
+not split over the data-parallel devices or into micro-batches, data columns
+a loss needs but the data lacks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import jax
+import ml_collections
+
+from prefjax import optim, steps
+from prefjax.losses import registry, types
+from prefjax.models.config import PRESETS
+
+ConfigDict = ml_collections.ConfigDict
+NONFINITE_MODES = ("stop", "skip")
+DATA_KINDS = {types.PairLogps: "pair", types.UnpairedLogps: "unpaired", types.ListLogps: "ranked",
+              types.RewardPair: "pair", types.RatedResponses: "ranked"}
+
+
+class ConfigError(ValueError):
+    """A config the trainer cannot run; the message names the key and the allowed values."""
+
+
+def trainer_config() -> ConfigDict:
+    """Every key the trainer reads, with defaults (a tiny CPU run on synthetic data)."""
+    c = ConfigDict()
+    c.job = "train"
+    c.seed = 0
+    c.total_steps = 20
+    c.grad_accum = 1
+    c.on_nonfinite = "stop"  # "stop": end the run with a message; "skip": drop the batch, count it
+
+    c.model = ConfigDict(dict(
+        preset="llama2-tiny",  # a prefjax.models preset name, used when hf_folder is empty
+        hf_folder="",  # a Hugging Face folder (config.json, safetensors, tokenizer) to start from
+        param_dtype="float32", dtype="float32", remat="none", attention_impl=None,
+    ))
+    c.model.attention_impl = ml_collections.FieldReference(None, field_type=str)
+    c.lora = ConfigDict(dict(enabled=False, rank=8, alpha=16.0, targets=("attn/(q|k|v|o)$", "mlp/(gate|up|down)$"),
+                             rslora=False))
+    c.loss_name = "dpo"
+    c.loss = ConfigDict()  # the loss's hyperparameters; unset ones take the paper defaults
+    c.reference = ConfigDict(dict(
+        kind="frozen",  # frozen | lora (base, adapters off) | precomputed | none
+        dtype="",  # "" = the policy's param dtype; e.g. "bfloat16" halves its memory
+        refresh="none",  # none | soft (TR-DPO alpha mix-in) | hard (copy; previous iterate)
+        refresh_every=1, alpha=0.5,
+    ))
+    c.data = ConfigDict(dict(
+        source="synthetic",  # "synthetic", or files / a TFDS dir / "tfds:<builder>" (prefjax.data.load_source)
+        eval_source="",  # held-out data in the same forms ("" = none; "synthetic" for a random one)
+        tokenizer="",  # tokenizer folder when the model is a preset ("" = the model's hf_folder)
+        batch_size=8,  # global examples per step (all processes together)
+        max_len=64,
+        pack=False,
+        buckets=64,
+        max_prompt_len=ml_collections.FieldReference(None, field_type=int),
+        max_response_len=ml_collections.FieldReference(None, field_type=int),
+        prompt_mode="keep_end", response_mode="keep_start",
+        num_epochs=ml_collections.FieldReference(None, field_type=int),  # None: repeat forever
+        shuffle=True, label_noise=0.0, on_error="error",
+        num_responses=2,  # synthetic data only: responses per example for ranked losses
+        synthetic_pool=4,  # synthetic data only: distinct batches cycled (0 = fresh random pairs every step)
+    ))
+    c.optimizer = optim.default_config()
+    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.sharding_rules = ml_collections.FieldReference(None, field_type=list)  # None: prefjax.sharding.DEFAULT_RULES
+    c.distributed = ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1))
+    c.checkpoint = ConfigDict(dict(every=10, keep=3, async_save=True, export_hf=True, export_dtype=""))
+    c.log_every = 1
+    c.eval_every = 0  # 0: evaluate only at the end (when there is eval data)
+    c.eval_batches = 4
+    c.logprob_chunk = 256
+    c.vocab_chunk = ml_collections.FieldReference(None, field_type=int)
+    c.peak_flops = 0.0  # 0: datasheet (TPU/GPU) or a one-off measurement (CPU)
+    return c
+
+
+def _fail(message: str) -> None:
+    raise ConfigError(message)
+
+
+def validate(config: ConfigDict, num_devices: Optional[int] = None) -> None:
+    """Raises ConfigError for a config the trainer cannot run (see module docstring)."""
+    num_devices = jax.device_count() if num_devices is None else num_devices
+    _check_choice("on_nonfinite", config.on_nonfinite, NONFINITE_MODES)
+    _check_loss(config)
+    _check_reference(config)
+    _check_model(config)
+    _check_mesh_and_batch(config, num_devices)
+    if config.total_steps < 1:
+        _fail(f"total_steps={config.total_steps} must be >= 1")
+
+
+def _check_choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        _fail(f"{key}={value!r} is not allowed; choose one of {list(allowed)}")
+
+
+def _check_loss(config: ConfigDict) -> None:
+    if config.loss_name not in registry.names():
+        _fail(f"loss_name={config.loss_name!r} is not a registered loss; registered: {registry.names()}")
+    spec = registry.get(config.loss_name)
+    try:
+        spec.check_hparams(config.loss.to_dict())
+    except TypeError as err:
+        raise ConfigError(f"config.loss: {err}") from None
+
+
+def _check_reference(config: ConfigDict) -> None:
+    ref = config.reference
+    _check_choice("reference.kind", ref.kind, steps.REFERENCES)
+    _check_choice("reference.refresh", ref.refresh, steps.REF_UPDATES)
+    spec = registry.get(config.loss_name)
+    if spec.needs_reference and ref.kind == "none":
+        _fail(f"loss {config.loss_name!r} needs a reference model but reference.kind='none'; "
+              "use 'frozen', 'lora' or 'precomputed', or a reference-free loss")
+    if ref.kind == "lora" and not config.lora.enabled:
+        _fail("reference.kind='lora' needs lora.enabled=True (the reference is the base with adapters off)")
+    if config.lora.enabled and ref.kind == "frozen":
+        _fail("with lora.enabled the reference is the base model: set reference.kind='lora' "
+              "(no second copy of the weights) or 'precomputed'")
+    if ref.kind == "precomputed":
+        if "chosen_token_kl" in spec.requires or "kl_logps" in spec.requires:
+            _fail(f"loss {config.loss_name!r} needs reference log-probs per token or on mismatched pairs, "
+                  "which a precomputed reference does not store; use reference.kind='frozen'")
+        if config.data.pack:
+            _fail("reference.kind='precomputed' needs unpacked batches (data.pack=False)")
+        if ref.refresh != "none":
+            _fail("a precomputed reference cannot be updated during training (reference.refresh='none')")
+    if ref.refresh != "none":
+        if ref.kind not in ("frozen",):
+            _fail(f"reference.refresh={ref.refresh!r} needs reference.kind='frozen'")
+        if ref.refresh_every < 1:
+            _fail(f"reference.refresh_every={ref.refresh_every} must be >= 1")
+        if not 0.0 < ref.alpha <= 1.0:
+            _fail(f"reference.alpha={ref.alpha} must be in (0, 1]")
+    if ref.kind == "none" and spec.needs_reference is False and ref.refresh != "none":
+        _fail("reference.refresh needs a reference")
+    if ref.dtype not in ("", "float32", "bfloat16", "float16"):
+        _fail(f"reference.dtype={ref.dtype!r}; choose '', 'float32', 'bfloat16' or 'float16'")
+
+
+def _check_model(config: ConfigDict) -> None:
+    m = config.model
+    if not m.hf_folder and m.preset not in PRESETS:
+        _fail(f"model.preset={m.preset!r} is not a preset ({sorted(PRESETS)}); or set model.hf_folder")
+    spec = registry.get(config.loss_name)
+    if spec.inputs in (types.RewardPair, types.RatedResponses) and config.lora.enabled:
+        _fail("reward-model losses train a reward head on the full model; set lora.enabled=False")
+    token_level = "chosen_token_kl" in spec.requires or "chosen_mask" in spec.requires
+    if token_level and config.data.pack:
+        _fail(f"loss {config.loss_name!r} works on per-token arrays, which packed rows do not give; "
+              "set data.pack=False")
+    if spec.inputs in (types.RewardPair, types.RatedResponses) and config.data.pack:
+        _fail("reward-model losses read each response's last token: set data.pack=False")
+    if "kl_logps" in spec.requires and config.data.pack:
+        _fail(f"loss {config.loss_name!r} builds mismatched pairs from unpacked rows: set data.pack=False")
+
+
+def _check_mesh_and_batch(config: ConfigDict, num_devices: int) -> None:
+    mesh = config.mesh.to_dict()
+    unknown = sorted(set(mesh) - {"data", "fsdp", "tensor"})
+    if unknown:
+        _fail(f"mesh axes {unknown} are unknown; the mesh has axes data, fsdp, tensor")
+    sizes = list(mesh.values())
+    if sum(1 for s in sizes if s == -1) > 1:
+        _fail(f"mesh {mesh}: at most one axis may be -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if known <= 0 or num_devices % known:
+        _fail(f"mesh {mesh} does not fit {num_devices} devices")
+    if -1 not in sizes and known != num_devices:
+        _fail(f"mesh {mesh} has {known} devices but {num_devices} are available; set one axis to -1 to fill")
+    resolved = {k: (num_devices // known if v == -1 else v) for k, v in mesh.items()}
+    data_parallel = resolved["data"] * resolved["fsdp"]
+    batch = config.data.batch_size
+    if batch % jax.process_count():
+        _fail(f"data.batch_size={batch} must split evenly over {jax.process_count()} processes")
+    if config.grad_accum < 1 or batch % config.grad_accum:
+        _fail(f"data.batch_size={batch} must be a multiple of grad_accum={config.grad_accum}")
+    micro = batch // config.grad_accum
+    if micro % data_parallel:
+        _fail(f"the micro-batch ({batch} examples / grad_accum {config.grad_accum} = {micro}) must be a multiple "
+              f"of the data-parallel size data*fsdp = {data_parallel} (mesh {resolved})")
+    if config.grad_accum > 1 and config.data.pack:
+        _fail("grad_accum > 1 needs unpacked batches (data.pack=False): packed rows mix examples")
+
+
+def data_kind(loss_name: str) -> str:
+    """"pair", "unpaired" or "ranked": the example kind a loss trains on."""
+    return DATA_KINDS[registry.get(loss_name).inputs]
+
+
+def loss_hparams(config: ConfigDict) -> tuple[tuple[str, Any], ...]:
+    """The loss's hyperparameters: paper defaults, overridden by config.loss."""
+    values = dict(registry.get(config.loss_name).hparam_defaults)
+    values.update(config.loss.to_dict())
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in values.items()))

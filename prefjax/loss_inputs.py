@@ -1,0 +1,96 @@
+"""Per-response log-probs of a batch -> the input container a registered loss takes.
+
+One function per data shape of the loss registry: pairs (PairLogps), unpaired
+feedback (UnpairedLogps), ranked lists (ListLogps), and reward-model pairs and
+ratings (RewardPair, RatedResponses). Optional data columns (scores, margins)
+are passed only when the dataset has them (`Columns`), since filler examples
+and absent columns carry NaN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+from prefjax.losses import types
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Columns:
+    """Which optional per-example columns the dataset provides (static)."""
+
+    scores: bool = False
+    margin: bool = False
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Responses:
+    """Per-response sums [B, K] and, for unpacked batches, per-token arrays [K, B, T]."""
+
+    logps: Array
+    lengths: Array
+    ref_logps: Optional[Array] = None
+    token_logps: Optional[Array] = None
+    token_mask: Optional[Array] = None
+    token_kl: Optional[Array] = None
+    kl_logps: Optional[Array] = None  # KTO: policy log-probs of mismatched (x, y') [B]
+    ref_kl_logps: Optional[Array] = None
+    rewards: Optional[Array] = None  # reward-model head outputs [B, K]
+
+
+def _finite_or_zero(x: Array) -> Array:
+    return jnp.where(jnp.isfinite(x), x, 0.0)
+
+
+def build(inputs_cls: type, r: Responses, batch: dict[str, Array], columns: Columns) -> Any:
+    """The loss input of class `inputs_cls` for one (micro-)batch."""
+    weight = batch["weight"]
+    if inputs_cls is types.PairLogps:
+        return _pairs(r, batch, columns, weight)
+    if inputs_cls is types.UnpairedLogps:
+        return types.UnpairedLogps(
+            logps=r.logps[:, 0], label=batch["label"] > 0.5,
+            ref_logps=None if r.ref_logps is None else r.ref_logps[:, 0], length=r.lengths[:, 0],
+            kl_logps=r.kl_logps, ref_kl_logps=r.ref_kl_logps, weight=weight)
+    if inputs_cls is types.ListLogps:
+        scores = batch["scores"]
+        return types.ListLogps(logps=r.logps, scores=_finite_or_zero(scores), ref_logps=r.ref_logps,
+                               lengths=r.lengths, mask=jnp.isfinite(scores), weight=weight)
+    if inputs_cls is types.RewardPair:
+        return types.RewardPair(chosen=r.rewards[:, 0], rejected=r.rewards[:, 1],
+                                margin=_finite_or_zero(batch["margin"]) if columns.margin else None,
+                                weight=weight)
+    if inputs_cls is types.RatedResponses:
+        scores = batch["scores"]
+        return types.RatedResponses(predicted=r.rewards, target=_finite_or_zero(scores),
+                                    mask=jnp.isfinite(scores), weight=weight)
+    raise TypeError(f"no batch layout for loss inputs {inputs_cls.__name__}")
+
+
+def _pairs(r: Responses, batch: dict[str, Array], columns: Columns, weight: Array) -> types.PairLogps:
+    fields: dict[str, Any] = dict(
+        chosen=r.logps[:, 0], rejected=r.logps[:, 1],
+        chosen_len=r.lengths[:, 0], rejected_len=r.lengths[:, 1],
+        # Without a separate gold column, Triple-PO's gold response is the chosen one.
+        gold=r.logps[:, 0], gold_len=r.lengths[:, 0],
+        weight=weight,
+    )
+    if r.ref_logps is not None:
+        fields.update(ref_chosen=r.ref_logps[:, 0], ref_rejected=r.ref_logps[:, 1])
+    if r.token_logps is not None:
+        fields.update(chosen_token_logps=r.token_logps[0], rejected_token_logps=r.token_logps[1],
+                      chosen_mask=r.token_mask[0], rejected_mask=r.token_mask[1])
+    if r.token_kl is not None:
+        fields.update(chosen_token_kl=r.token_kl[0], rejected_token_kl=r.token_kl[1])
+    if columns.scores:
+        scores = _finite_or_zero(batch["scores"])
+        fields.update(score_chosen=scores[:, 0], score_rejected=scores[:, 1])
+    if columns.margin:
+        fields.update(margin=_finite_or_zero(batch["margin"]))
+    return types.PairLogps(**fields)

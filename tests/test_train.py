@@ -1,0 +1,220 @@
+"""The trainer end to end: runs, resumes after SIGKILL with the same trajectory, precomputed
+reference = frozen reference, the reference never enters a checkpoint, NaN policies, LoRA and
+Hugging Face runs on real data files, config validation, and two processes = one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from prefjax import checkpoint, config_lib, train
+from prefjax.metrics import read_metrics
+from prefjax.models import hf_checkpoint
+
+ROOT = Path(__file__).parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"
+
+
+def _config(**changes):
+    c = config_lib.trainer_config()
+    c.model.preset = "llama2-tiny"
+    c.total_steps = 6
+    c.data.batch_size = 8
+    c.data.max_len = 32
+    c.checkpoint.every = 3
+    c.checkpoint.export_hf = False
+    c.optimizer.learning_rate = 3e-3
+    c.optimizer.warmup_steps = 1
+    for key, value in changes.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def _losses(workdir):
+    return {m["step"]: m["loss"] for m in read_metrics(str(Path(workdir) / "metrics.jsonl"))}
+
+
+def test_run_learns_checkpoints_and_exports(tmp_path):
+    summary = train.run(_config(**{"checkpoint.export_hf": True, "total_steps": 8}), str(tmp_path))
+    losses = _losses(tmp_path)
+    assert sorted(losses) == list(range(1, 9))
+    assert losses[8] < losses[1] - 0.3  # synthetic pairs from a small pool are learnable
+    assert summary["step"] == 8 and not summary["preempted"]
+    assert checkpoint.Checkpointer(str(tmp_path / "checkpoints")).all_steps() == [3, 6, 8]
+    params = hf_checkpoint.load_params(tmp_path / "hf_export", hf_checkpoint.load_config(tmp_path / "hf_export"))
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+    for key in ("grad_norm", "learning_rate", "tokens_per_second", "mfu", "step_seconds", "rewards/accuracies"):
+        assert key in read_metrics(str(tmp_path / "metrics.jsonl"))[-1]
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def _main(workdir, *overrides, env=None):
+    return [sys.executable, "-m", "prefjax.main", "--config=configs/tiny_dpo.py", f"--workdir={workdir}",
+            "--config.total_steps=12", "--config.checkpoint.every=3", "--config.checkpoint.export_hf=False",
+            "--config.data.max_len=32", *overrides]
+
+
+def _env(devices=8):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_reproduces_the_uninterrupted_trajectory(tmp_path):
+    straight = tmp_path / "straight"
+    subprocess.run(_main(straight), cwd=ROOT, env=_env(), check=True, capture_output=True, timeout=300)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_main(killed), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 7:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    interrupted_at = len(metrics.read_text().splitlines())
+    assert interrupted_at < 12
+    subprocess.run(_main(killed), cwd=ROOT, env=_env(), check=True, capture_output=True, timeout=300)
+    want, got = _losses(straight), _losses(killed)
+    steps = [m["step"] for m in read_metrics(str(metrics))]
+    assert steps == list(range(1, 13)), "a step is missing or repeated in metrics.jsonl"
+    np.testing.assert_allclose([got[s] for s in range(1, 13)], [want[s] for s in range(1, 13)], atol=1e-6)
+
+
+def test_precomputed_reference_equals_the_frozen_one(tmp_path):
+    frozen = train.run(_config(), str(tmp_path / "frozen"))
+    pre = train.run(_config(**{"reference.kind": "precomputed"}), str(tmp_path / "pre"))
+    np.testing.assert_allclose([_losses(tmp_path / "pre")[s] for s in range(1, 7)],
+                               [_losses(tmp_path / "frozen")[s] for s in range(1, 7)], rtol=1e-5)
+    assert frozen["step"] == pre["step"] == 6
+    cache = list((tmp_path / "pre" / "reference_cache").glob("*/part-*.npz"))
+    assert len(cache) == 1
+    mtime = cache[0].stat().st_mtime_ns
+    train.run(_config(**{"reference.kind": "precomputed", "total_steps": 6}), str(tmp_path / "pre"))
+    assert cache[0].stat().st_mtime_ns == mtime  # reused, not recomputed
+
+
+def _saved_paths(workdir, step):
+    saved = json.loads((Path(workdir) / "checkpoints" / str(step) / "state" / "_METADATA").read_text())
+    return {p for p, v in saved["tree_metadata"].items() if v["value_metadata"].get("value_type") != "None"}
+
+
+def test_reference_is_not_in_the_checkpoint(tmp_path):
+    # A run holding a frozen reference in memory saves exactly the arrays of a run that has no
+    # reference weights at all (precomputed): the trained params once, Adam's two moments, scalars.
+    train.run(_config(**{"total_steps": 3}), str(tmp_path / "frozen"))
+    train.run(_config(**{"total_steps": 3, "reference.kind": "precomputed"}), str(tmp_path / "pre"))
+    frozen, pre = _saved_paths(tmp_path / "frozen", 3), _saved_paths(tmp_path / "pre", 3)
+    assert frozen == pre
+    assert not [p for p in frozen if "ref" in p]
+    weights = [p for p in frozen if "'embedding')" in p]
+    assert len(weights) == 3  # params, mu, nu: no fourth (reference) copy
+
+
+def test_nonfinite_loss_stops_or_skips(tmp_path):
+    with pytest.raises(train.NonFiniteLossError, match="not finite"):
+        train.run(_config(**{"loss.beta": float("nan")}), str(tmp_path / "stop"))
+    summary = train.run(_config(**{"loss.beta": float("nan"), "on_nonfinite": "skip"}), str(tmp_path / "skip"))
+    assert summary["skipped_steps"] == 6
+
+
+def test_lora_run_exports_merged_weights_and_adapters(tmp_path):
+    summary = train.run(_config(**{"lora.enabled": True, "reference.kind": "lora", "checkpoint.export_hf": True,
+                                   "total_steps": 4, "optimizer.learning_rate": 1e-2, "data.synthetic_pool": 1}),
+                        str(tmp_path))
+    losses = _losses(tmp_path)
+    np.testing.assert_allclose(losses[1], np.log(2.0), rtol=1e-5)  # fresh adapters: policy == reference
+    assert losses[4] < losses[1]
+    assert (tmp_path / "hf_adapters" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "hf_export" / "model.safetensors").is_file() and summary["exported"]
+
+
+def test_hf_model_on_a_chat_dataset_with_evaluation(tmp_path):
+    data = FIXTURES / "data" / "pairs_chat.jsonl"
+    summary = train.run(_config(**{
+        "model.hf_folder": str(FIXTURES / "hf" / "qwen2"), "data.source": str(data), "data.eval_source": str(data),
+        "data.max_len": 128, "data.buckets": 64, "total_steps": 3, "checkpoint.export_hf": True}), str(tmp_path))
+    assert {"eval/loss", "eval/rewards/accuracies"} <= set(summary)
+    exported = hf_checkpoint.load(tmp_path / "hf_export")  # tokenizer copied along
+    assert exported.tokenizer is not None and exported.cfg.family == "qwen2"
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"loss_name": "dpoo"}, "not a registered loss"),
+    ({"loss.bta": 0.1}, "no hyperparameter"),
+    ({"reference.kind": "none"}, "needs a reference"),
+    ({"mesh.data": 3}, "does not fit 8 devices"),
+    ({"mesh.data": 2, "mesh.fsdp": 2}, "4 devices but 8"),
+    ({"data.batch_size": 12}, "data-parallel size"),
+    ({"grad_accum": 3}, "multiple of grad_accum"),
+    ({"lora.enabled": True}, "reference.kind='lora'"),
+    ({"loss_name": "tdpo1", "reference.kind": "precomputed"}, "per token"),
+    ({"reference.refresh": "sometimes"}, "reference.refresh"),
+    ({"model.preset": "gpt5"}, "not a preset"),
+    ({"on_nonfinite": "ignore"}, "on_nonfinite"),
+])
+def test_config_errors_name_the_key_and_the_choices(changes, message):
+    config = _config()
+    for key, value in changes.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    with pytest.raises(config_lib.ConfigError, match=message):
+        config_lib.validate(config)
+
+
+def test_a_loss_that_needs_scores_refuses_data_without_them(tmp_path):
+    rows = [json.loads(line) for line in (FIXTURES / "data" / "pairs_chat.jsonl").read_text().splitlines()]
+    unscored = tmp_path / "unscored.jsonl"
+    unscored.write_text("".join(json.dumps(r) + "\n" for r in rows if "score_chosen" not in r))
+    config = _config(**{"loss_name": "modpo", "data.source": str(unscored),
+                        "model.hf_folder": str(FIXTURES / "hf" / "qwen2"), "data.max_len": 128})
+    with pytest.raises(config_lib.ConfigError, match="scores"):
+        train.run(config, str(tmp_path))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process(tmp_path):
+    common = ["--config.total_steps=4", "--config.data.batch_size=4"]
+    one = tmp_path / "one"
+    subprocess.run(_main(one, *common), cwd=ROOT, env=_env(devices=2), check=True, capture_output=True, timeout=300)
+    two = tmp_path / "two"
+    port = _free_port()
+    procs = [subprocess.Popen(_main(two, *common, f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                                    "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"),
+                              cwd=ROOT, env=_env(devices=1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for i in range(2)]
+    outputs = [p.communicate(timeout=300)[0].decode(errors="replace") for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
+    want, got = _losses(one), _losses(two)
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+    np.testing.assert_allclose([got[s] for s in want], [want[s] for s in want], rtol=1e-5)
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["step"] == 4
