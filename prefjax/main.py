@@ -138,6 +138,13 @@ def main(argv: Sequence[str]) -> None:
         except (config_lib.ConfigError, train.NonFiniteLossError) as e:
             sys.exit(f"error: {e}")
         return
+    if config.get("job", "bandit") == "quickstart":
+        from prefjax.quickstart import pipeline  # pylint: disable=import-outside-toplevel
+        try:
+            pipeline.run(config, _WORKDIR.value)
+        except (ValueError, KeyError) as e:
+            sys.exit(f"error: {e}")
+        return
     try:
         bandit_train.run(config, _WORKDIR.value)
     except bandit_train.ConfigError as e:

@@ -14,8 +14,6 @@ computed tile by tile without [R, T, V] logits, then reduced per response:
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -56,9 +54,9 @@ def reduce_packed(values_RxT: Array, mask_RxT: Array, example_id_RxT: Array, res
     return sums.reshape(num_examples, num_responses), counts.reshape(num_examples, num_responses)
 
 
-def per_response(token_values_RxT: Array, batch: dict[str, Array], mask_RxT: Array, example_id: Array,
-                 response_id: Array, *, num_examples: int, num_responses: int, packed: bool,
-                 ) -> tuple[Array, Array]:
+def per_response(token_values_RxT: Array, *, mask_RxT: Array, example_id: Array, response_id: Array,
+                 num_examples: int, num_responses: int, packed: bool) -> tuple[Array, Array]:
+    """[R, T] per-token values -> [B, K] masked sums and counts, for either row layout."""
     if packed:
         return reduce_packed(token_values_RxT, mask_RxT, example_id, response_id, num_examples, num_responses)
     return reduce_unpacked(token_values_RxT, mask_RxT, num_responses)

@@ -130,7 +130,7 @@ def responses(spec: StepSpec, cfg: ModelConfig, graphdef: nnx.GraphDef, params: 
             ref_hidden, ref_unembed = _forward(graphdef, jax.lax.stop_gradient(ref_params), mb)
             ref_tok = jax.lax.stop_gradient(logprobs.token_logps(ref_hidden, ref_unembed, labels, mask_BxT=mask, **kw))
 
-    reduce = functools.partial(response_logps.per_response, batch=mb, mask_RxT=mask, example_id=example_id,
+    reduce = functools.partial(response_logps.per_response, mask_RxT=mask, example_id=example_id,
                                response_id=response_id, num_examples=b, num_responses=k, packed=spec.packed)
     sums, lengths = reduce(tok)
     ref_sums = None

@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from prefjax import config_lib, loss_inputs, models, optim, sharding, steps
+from prefjax import config_lib, loss_inputs, models, optim, steps
 from prefjax.losses import registry
 from prefjax.models import hf_checkpoint
 from prefjax.models import lora as lora_lib

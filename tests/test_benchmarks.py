@@ -30,3 +30,10 @@ def test_logprobs_memory_prints_a_table():
     out = _run("logprobs_memory.py", "--shapes", "1x16x64,2x12x50", "--dim", "8", "--chunk", "4",
                "--vocab-chunk", "16", "--repeats", "1")
     assert "|" in out
+
+
+def test_train_step_benchmark_prints_a_row_per_setting():
+    out = _run("train_step.py", "--models", "tiny", "--strategies", "frozen", "none", "--accum", "1", "2",
+               "--steps", "1", "--batch", "2", "--length", "16")
+    rows = [line for line in out.splitlines() if line.startswith("| tiny")]
+    assert len(rows) == 4, out

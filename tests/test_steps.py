@@ -90,7 +90,6 @@ def test_reference_gets_no_gradient():
     graphdef, params = _model()
     frozen = jax.tree.map(lambda x: x * 1.01, params)
     batch = _batch(kind, 2)
-    state = _state(spec, params)
 
     def loss(policy, ref):
         return steps.micro_loss(spec, CFG, graphdef, {"model": policy}, {}, ref, ref, batch)[0]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -70,7 +71,7 @@ def _main(workdir, *overrides, env=None):
 
 def _env(devices=8):
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=1"
     env["PYTHONPATH"] = str(ROOT)
     return env
 
@@ -218,3 +219,13 @@ def test_two_processes_equal_one_process(tmp_path):
     np.testing.assert_allclose([got[s] for s in want], [want[s] for s in want], rtol=1e-5)
     summary = json.loads((two / "summary.json").read_text())
     assert summary["step"] == 4
+
+
+def test_resume_onto_a_different_mesh(tmp_path):
+    train.run(_config(), str(tmp_path))  # data parallel over 8 devices; checkpoints at 3 and 6
+    want = _losses(tmp_path)
+    shutil.rmtree(tmp_path / "checkpoints" / "6")  # as if the run had stopped after step 3
+    train.run(_config(**{"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2}), str(tmp_path))
+    got = _losses(tmp_path)
+    assert sorted(got) == list(range(1, 7))
+    np.testing.assert_allclose([got[s] for s in range(4, 7)], [want[s] for s in range(4, 7)], rtol=2e-5)

@@ -11,3 +11,10 @@ from prefjax.data.records import (KINDS, DataError, LoadSummary, Location, detec
 from prefjax.data.sources import (ListSource, TfdsSource, from_files, from_tfds_builder, from_tfds_directory,
                                   load_source)
 from prefjax.data.pipeline import DataConfig, Pipeline, PipelineConfig, make_global_batch
+
+__all__ = [
+    "KINDS", "DataConfig", "DataError", "ListSource", "LoadSummary", "Location", "Pipeline", "PipelineConfig",
+    "TfdsSource", "detect_format", "detect_shape", "expand_paths", "from_files", "from_tfds_builder",
+    "from_tfds_directory", "iter_parse", "load_source", "make_global_batch", "parse_label", "parse_row",
+    "read_examples", "read_rows",
+]
