@@ -207,12 +207,15 @@ def _peak_flops(config: ml_collections.ConfigDict) -> tuple[float, str]:
     return metrics_lib.device_peak_flops()
 
 
+_EVAL_STEPS: dict[int, Any] = {}  # id(setup) -> its jitted eval step, compiled once per run
+
+
 def _evaluate(config, setup, state, mesh, rules, tokenizer, writer, step) -> dict[str, float]:
     """Held-out loss and the loss's metrics (reward accuracy, margins, log-probs), weighted means."""
     kind = config_lib.data_kind(config.loss_name)
     stream = data_streams.make_stream(config, config.data.eval_source, kind=kind,
                                       vocab_size=setup.model_cfg.vocab_size, tokenizer=tokenizer, train=False)
-    eval_fn = None
+    eval_fn = _EVAL_STEPS.get(id(setup))
     totals: dict[str, float] = {}
     for i, local in enumerate(stream):
         if i >= config.eval_batches:
@@ -223,6 +226,8 @@ def _evaluate(config, setup, state, mesh, rules, tokenizer, writer, step) -> dic
         if eval_fn is None:
             eval_fn = steps.jit_eval_step(setup.spec, setup.model_cfg, setup.graphdef, setup.state_shardings,
                                           setup.frozen_shardings, _batch_shardings(batch), setup.replicated)
+            _EVAL_STEPS.clear()  # one run at a time: drop an earlier run's program
+            _EVAL_STEPS[id(setup)] = eval_fn
         sums = jax.device_get(eval_fn(state, setup.frozen, batch))
         for k, v in sums.items():
             totals[k] = totals.get(k, 0.0) + float(v)
