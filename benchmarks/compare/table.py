@@ -1,0 +1,74 @@
+"""The comparison's printed output: the speed/memory table (ratios to prefjax) and the loss check."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+Row = dict[str, Any]  # framework, size, seq, pairs, params, and either the runner's result or "error"
+
+
+def derived(row: Row) -> dict[str, float]:
+    """pairs/s, tokens/s (both sequences of each pair, full length), step ms, RSS MiB, start-up s."""
+    step = row["step_seconds"]
+    return {"pairs/s": row["pairs"] / step, "tokens/s": 2 * row["pairs"] * row["seq"] / step,
+            "step (ms)": 1e3 * step, "peak RSS (MiB)": row["peak_rss"] / 2**20, "start-up (s)": row["startup_seconds"]}
+
+
+def _fmt(value: float) -> str:
+    if value >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.3g}" if value < 10 else f"{value:.1f}"
+
+
+def speed_table(rows: list[Row]) -> str:
+    """Markdown table; each number is followed by its ratio to prefjax's row of the same cell."""
+    cols = ["pairs/s", "tokens/s", "step (ms)", "peak RSS (MiB)", "start-up (s)"]
+    lines = ["| framework | size | params | seq | " + " | ".join(cols) + " |", "|---" * (4 + len(cols)) + "|"]
+    base = {(r["size"], r["seq"]): derived(r) for r in rows if r["framework"] == "prefjax" and "error" not in r}
+    for r in rows:
+        head = f"| {r['framework']} | {r['size']} | {r['params'] / 1e6:.2f} M | {r['seq']} |"
+        if "error" in r:
+            reason = r["error"] if len(r["error"]) <= 160 else r["error"][:157] + "..."
+            lines.append(head + f" unavailable: {reason} |" + " |" * (len(cols) - 1))
+            continue
+        d, ref = derived(r), base.get((r["size"], r["seq"]))
+        cells = []
+        for c in cols:
+            ratio = "" if ref is None or r["framework"] == "prefjax" or not ref[c] else f" ({d[c] / ref[c]:.2f}x)"
+            cells.append(_fmt(d[c]) + ratio)
+        lines.append(head + " " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def loss_check(rows: list[Row], tol: float, logp_rtol: float) -> tuple[str, bool]:
+    """First-step losses and chosen log-probs per cell, and whether all agree with prefjax's.
+
+    At step 1 the policy equals the reference, so every framework's DPO loss is log 2 whatever
+    the weights; the policy's log-prob of the chosen responses (sum over tokens, mean over pairs)
+    is what shows that the same weights met the same tokens. Step 2's loss (after one AdamW
+    update) is shown as well: it also depends on the gradients and the optimizer.
+    """
+    lines = ["| framework | size | seq | loss step 1 | loss step 2 | logps/chosen step 1 | diff vs prefjax (loss; logps rel.) |",
+             "|---" * 7 + "|"]
+    ok = True
+    base = {(r["size"], r["seq"]): r for r in rows if r["framework"] == "prefjax" and "error" not in r}
+    for r in rows:
+        if "error" in r or not r.get("losses"):
+            continue
+        losses, logps = r["losses"], r.get("first_logps_chosen")
+        second = f"{losses[1]:.6f}" if len(losses) > 1 else "-"
+        ref: Optional[Row] = base.get((r["size"], r["seq"]))
+        diff = "-"
+        if ref is not None and r["framework"] != "prefjax":
+            d_loss = abs(losses[0] - ref["losses"][0])
+            good = math.isfinite(d_loss) and d_loss <= tol
+            d_logp = math.nan
+            if logps is not None and ref.get("first_logps_chosen") is not None:
+                d_logp = abs(logps - ref["first_logps_chosen"]) / max(abs(ref["first_logps_chosen"]), 1e-12)
+                good &= math.isfinite(d_logp) and d_logp <= logp_rtol
+            ok &= good
+            diff = f"{d_loss:.1e}; {d_logp:.1e} {'ok' if good else 'MISMATCH'}"
+        logp_text = "-" if logps is None else f"{logps:.4f}"
+        lines.append(f"| {r['framework']} | {r['size']} | {r['seq']} | {losses[0]:.6f} | {second} | {logp_text} | {diff} |")
+    return "\n".join(lines), ok
