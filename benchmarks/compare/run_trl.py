@@ -10,7 +10,6 @@ no weight decay, constant learning rate, like the other frameworks' runs.
 from __future__ import annotations
 
 import tempfile
-import time
 from typing import Any
 
 import runner_common
