@@ -88,9 +88,11 @@ def _contrast_against_worse(logits_KxK: Array, beats: Array) -> Array:
     # The diagonal is always included, so every row's logsumexp is finite; excluded
     # entries are set to the row's own logit so that no exp() of them can overflow.
     include = beats | jnp.eye(logits_KxK.shape[-1], dtype=bool)
-    logits_KxK = jnp.where(include, logits_KxK, own[..., None])
-    lse = jax.nn.logsumexp(logits_KxK, axis=-1, where=include)
-    terms = jnp.where(jnp.any(beats, axis=-1), lse - own, 0.0)
+    # Relative to the row's own logit before the logsumexp, not after: with large log-ratios
+    # (|z| ~ 6000) lse(z) - z_kk would lose a small result (~1e-5) to float32 rounding.
+    relative = jnp.where(include, logits_KxK - own[..., None], 0.0)
+    lse = jax.nn.logsumexp(relative, axis=-1, where=include)
+    terms = jnp.where(jnp.any(beats, axis=-1), lse, 0.0)
     return jnp.sum(terms, axis=-1)
 
 
