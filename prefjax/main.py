@@ -4,7 +4,8 @@ A config with job="train" runs the sharded preference trainer (`prefjax.train`;
 e.g. configs/tiny_dpo.py); rerunning the same command in the same workdir resumes.
 Multi-host runs initialise jax.distributed from config.distributed (coordinator
 address, process count and id) or, on TPU pods and SLURM, from the environment.
-The quick-start config runs the synthetic bandit (`prefjax.bandit_train`).
+The quick-start config (job="quickstart") runs the synthetic LM pipeline
+(`prefjax.quickstart.pipeline`); configs without a job run the older bandit demo.
 Override any config key on the command line, e.g.
 
     python -m prefjax.main --config=configs/quickstart.py --workdir=/tmp/q \\

@@ -1,219 +1,141 @@
-"""The quick-start job (python -m prefjax.main on configs/quickstart.py): the bandit task,
-its loss inputs, training with losses of every data shape, and the command line."""
+"""The quick-start job end to end: `python -m prefjax.main --config=configs/quickstart.py:small`
+runs every stage, each stage's outputs exist and are right, and preference tuning raises the
+ground-truth reward on a fixed seed. Also: the command line's errors, and stage reuse."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import pathlib
 import subprocess
 import sys
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
-from prefjax import bandit_inputs, bandit_task, bandit_train, losses
-from prefjax.losses import registry
+from prefjax.data import sources
+from prefjax.models.tokenizer import load_tokenizer
+from prefjax.quickstart import pipeline
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIG_FILE = ROOT / "configs" / "quickstart.py"
 
-# Always present, plus one loss per data shape and the stateful / example-selecting ones
-# when registered (other modules may still be arriving).
-ALWAYS = ("dpo", "ipo", "robust_dpo")
-IF_REGISTERED = ("simpo", "kto", "plackett_luce", "tdpo1", "bco_pair", "beta_dpo")
+
+def _main(*args, workdir, timeout=240):
+    command = [sys.executable, "-m", "prefjax.main", *args, f"--workdir={workdir}"]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-def _quickstart_module():
-    spec = importlib.util.spec_from_file_location("quickstart_config", CONFIG_FILE)
+def _small_config():
+    spec = importlib.util.spec_from_file_location("_quickstart_config", CONFIG_FILE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module
-
-
-def small_config(config_arg=None, **overrides):
-    """The quick-start config (get_config(config_arg)) shrunk to a sub-second job."""
-    config = _quickstart_module().get_config(config_arg)
-    config.update(num_prompts=16, num_responses=6, dataset_size=1024, eval_pairs=256)
-    config.update(steps=120, batch_size=32, log_every=40)
-    config.update(overrides)
-    return config
-
-
-def _run(config, workdir):
-    return bandit_train.run(config, str(workdir), echo=lambda _: None)
+    return module.get_config("small")
 
 
 @pytest.fixture(scope="module")
-def task():
-    return bandit_task.make_task(seed=3, num_prompts=8, num_responses=5)
+def run(tmp_path_factory):  # ~40 s on 2 CPU cores: the tests using it are marked slow
+    """One shrunken run of the whole job through the command line (seed 0)."""
+    workdir = tmp_path_factory.mktemp("quickstart")
+    result = _main(f"--config={CONFIG_FILE}:small", workdir=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir, result.stdout
 
 
-# ------------------------------------------------------------------------------ task
+@pytest.mark.slow
+def test_every_stage_writes_its_outputs(run):
+    workdir, _ = run
+    for path in ("tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json", "prepare.json",
+                 "sft/model/config.json", "sft/model/model.safetensors", "sft/model/tokenizer.json",
+                 "sft/metrics.jsonl", "pairs/train.jsonl", "pairs/train_unpaired.jsonl",
+                 "pairs/heldout.jsonl", "pairs/stats.json", "pairs/best_of_n.json", "tune/metrics.jsonl",
+                 "tune/summary.json", "tune/hf_export/model.safetensors", "eval.json", "summary.json"):
+        assert (workdir / path).is_file(), path
+    for plot in ("training_curves.png", "reward_vs_kl.png"):
+        data = (workdir / "plots" / plot).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, plot
+    sft_lines = (workdir / "sft/metrics.jsonl").read_text().splitlines()
+    sft_losses = [json.loads(line)["loss"] for line in sft_lines]
+    assert sft_losses[-1] < sft_losses[0]  # supervised fine-tuning learned something
+    load_tokenizer(workdir / "sft" / "model")  # the SFT checkpoint carries the task's tokenizer
 
 
-def test_default_config_builds_and_names_dpo():
-    config = _quickstart_module().get_config()
-    assert config.loss_name == "dpo" and config.loss.to_dict() == {"beta": 0.1}
-    with_defaults = _quickstart_module().get_config("ipo")
-    assert with_defaults.loss.to_dict() == losses.get("ipo").hparam_defaults
+@pytest.mark.slow
+def test_west_of_n_pairs_are_best_versus_worst_by_the_true_reward(run):
+    workdir, _ = run
+    task = pipeline.make_task(_small_config())
+    pairs = sources.load_source(str(workdir / "pairs" / "train.jsonl"))
+    stats = json.loads((workdir / "pairs" / "stats.json").read_text())
+    assert len(pairs) == stats["pairs"] > 0 and stats["prompts"] >= len(pairs)
+    for example in pairs:
+        assert example["kind"] == "pair" and example["format"] == "text"
+        prompt = example["prompt"][0]["content"]
+        chosen = task.reward(prompt, example["chosen"][0]["content"])
+        rejected = task.reward(prompt, example["rejected"][0]["content"])
+        # Scores recomputed from the text agree with the file, and the chosen response is better.
+        assert (chosen, rejected) == pytest.approx((example["score_chosen"], example["score_rejected"]))
+        assert chosen > rejected
+    unpaired = sources.load_source(str(workdir / "pairs" / "train_unpaired.jsonl"))
+    assert len(unpaired) == 2 * len(pairs)
 
 
-def test_pairs_are_distinct_and_labelled_by_bradley_terry(task):
-    pairs = bandit_task.sample_pairs(task, 20000, seed=1, stream=9)
-    assert np.all(pairs.chosen != pairs.rejected)
-    reward = np.asarray(task.reward)
-    gap = reward[pairs.x, pairs.chosen] - reward[pairs.x, pairs.rejected]
-    # Under Bradley-Terry the better response wins with probability sigma(|gap|).
-    expected = np.mean(1.0 / (1.0 + np.exp(-np.abs(gap))))
-    assert abs(np.mean(gap > 0) - expected) < 0.02
+@pytest.mark.slow
+def test_preference_tuning_raises_the_ground_truth_reward(run):
+    workdir, _ = run
+    summary = json.loads((workdir / "summary.json").read_text())
+    sft, tuned = summary["sft"], summary["tuned"]
+    assert summary["task"] == "sentiment" and summary["loss_name"] == "dpo" and summary["step"] == 30
+    # The reference is its own policy: no KL, no preference among held-out pairs.
+    assert sft["kl"] == 0.0 and sft["reward_accuracy"] == 0.5
+    # DPO moves the reward up, well beyond the noise of the estimate, at a positive KL.
+    gap = tuned["reward"] - sft["reward"]
+    assert gap > 0.15 and gap > 3 * (tuned["reward_se"] ** 2 + sft["reward_se"] ** 2) ** 0.5, summary
+    assert tuned["kl"] > 0.05 and tuned["win_rate"] > 0.55 and tuned["reward_accuracy"] > 0.6
+    # The trainer's own record agrees that it learned the pairs.
+    records = [json.loads(line) for line in (workdir / "tune" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 30 and records[-1]["loss"] < 0.69
+    assert summary["eval/reward"] == tuned["reward"]
+    assert summary["final/loss"] == pytest.approx(records[-1]["loss"])
 
 
-def test_label_noise_flips_an_exact_fraction(task):
-    clean = bandit_task.sample_pairs(task, 1000, seed=2, stream=9)
-    noisy = bandit_task.sample_pairs(task, 1000, seed=2, stream=9, noise_rate=0.3)
-    assert noisy.flipped.sum() == 300
-    np.testing.assert_array_equal(noisy.chosen[noisy.flipped], clean.rejected[noisy.flipped])
-    np.testing.assert_array_equal(noisy.chosen[~noisy.flipped], clean.chosen[~noisy.flipped])
+@pytest.mark.slow
+def test_the_summary_table_is_printed(run):
+    workdir, stdout = run
+    for stage in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"):
+        assert stage in stdout
+    summary = json.loads((workdir / "summary.json").read_text())
+    line = next(x for x in stdout.splitlines() if x.startswith("ground-truth reward (mean)"))
+    assert line.split()[-2:] == [f"{summary['sft']['reward']:.3f}", f"{summary['tuned']['reward']:.3f}"]
 
 
-def test_reference_policy_metrics_are_exact(task):
-    held_out = bandit_task.eval_pairs(task, 64, seed=0)
-    metrics = bandit_task.evaluate(task, task.ref_logits, held_out)
-    ref_prob = np.exp(np.asarray(task.ref_logp, np.float64))
-    expected_reward = np.mean(np.sum(ref_prob * np.asarray(task.reward), axis=-1))
-    np.testing.assert_allclose(metrics["true_reward"], expected_reward, rtol=1e-5)
-    assert float(metrics["kl"]) == pytest.approx(0.0, abs=1e-6)
-    assert float(metrics["reward_accuracy"]) == 0.5  # every implicit reward is 0: all ties
+@pytest.mark.slow
+def test_prepared_stages_are_reused_only_with_the_same_settings(run):
+    workdir, _ = run
+    config = _small_config()
+    prepared = pipeline.prepare(config, workdir, echo=lambda _: None)  # loads, does not retrain
+    assert prepared.sft_folder == workdir / "sft" / "model" and len(prepared.heldout) > 0
+    config.sft.steps += 1
+    with pytest.raises(ValueError, match=r"prepare.json: .*other settings \(changed: \['sft'\]\)"):
+        pipeline.prepare(config, workdir, echo=lambda _: None)
 
 
-# ----------------------------------------------------------------------- loss inputs
+def test_reuse_of_a_missing_run_is_an_error(tmp_path):
+    config = _small_config()
+    config.reuse = str(tmp_path / "nothing")
+    with pytest.raises(ValueError, match="config.reuse=.*no prepared run there"):
+        pipeline.prepare(config, tmp_path / "run", echo=lambda _: None)
 
 
-def _pair_batch(task):
-    pairs = bandit_task.sample_pairs(task, 6, seed=0, stream=9)
-    return {name: jnp.asarray(getattr(pairs, name)) for name in ("x", "chosen", "rejected")}
+@pytest.mark.slow
+def test_command_line_errors_name_the_problem(tmp_path):
+    result = _main(f"--config={CONFIG_FILE}", "--config.sft.stpes=5", workdir=tmp_path, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "unknown config key(s) ['sft.stpes']" in result.stderr and "sft.steps" in result.stderr
+    result = _main(f"--config={CONFIG_FILE}:nope", workdir=tmp_path, timeout=120)
+    assert result.returncode != 0 and "unknown loss 'nope'" in result.stderr
 
 
-def test_a_loss_gets_only_the_fields_it_declares(task):
-    lp = bandit_inputs.pair_inputs(losses.get("dpo"), task, task.ref_logp + 0.0, _pair_batch(task))
-    assert lp.ref_chosen is not None and lp.chosen_len is None and lp.score_chosen is None
-
-
-def test_token_kl_is_the_exact_kl_at_the_prompt(task):
-    fake = registry.LossSpec(
-        name="fake", fn=None, inputs=losses.PairLogps, requires=("chosen_token_kl", "chosen_mask"),
-        uses=(), paper="", equation="",
-    )
-    theta = task.ref_logits + jax.random.normal(jax.random.key(0), task.ref_logits.shape)
-    logp = bandit_task.policy_logp(theta)
-    batch = _pair_batch(task)
-    lp = bandit_inputs.pair_inputs(fake, task, logp, batch)
-    ref_p = np.exp(np.asarray(task.ref_logp, np.float64))
-    kl = np.sum(ref_p * (np.asarray(task.ref_logp, np.float64) - np.asarray(logp, np.float64)), axis=-1)
-    np.testing.assert_allclose(lp.chosen_token_kl[:, 0], kl[np.asarray(batch["x"])], rtol=1e-4)
-    assert lp.chosen_mask.shape == (6, 1)
-
-
-def test_unpaired_inputs_split_pairs_and_mismatch_prompts(task):
-    spec = registry.LossSpec(
-        name="fake", fn=None, inputs=losses.UnpairedLogps, requires=("kl_logps",), uses=(),
-        paper="", equation="",
-    )
-    logp = task.ref_logp * 2.0
-    batch = _pair_batch(task)
-    up = bandit_inputs.unpaired_inputs(spec, task, logp, batch)
-    x, yw, yl = (np.asarray(batch[k]) for k in ("x", "chosen", "rejected"))
-    np.testing.assert_array_equal(np.asarray(up.label), [True] * 6 + [False] * 6)
-    np.testing.assert_allclose(up.logps, np.asarray(logp)[np.r_[x, x], np.r_[yw, yl]])
-    # Each example's KL term pairs its prompt with the previous example's response.
-    np.testing.assert_allclose(up.kl_logps, np.asarray(logp)[np.r_[x, x], np.roll(np.r_[yw, yl], 1)])
-
-
-# -------------------------------------------------------------------------- training
-
-
-def test_dpo_raises_the_true_reward_and_writes_files(tmp_path):
-    summary = _run(small_config(), tmp_path)
-    before, after = summary["before"], summary["after"]
-    assert before["reward_accuracy"] == 0.5 and before["kl"] == pytest.approx(0.0, abs=1e-6)
-    assert after["true_reward"] > before["true_reward"] + 0.5, summary
-    assert after["reward_accuracy"] > 0.7 and after["kl"] > 0.0
-    assert after["true_reward"] <= summary["best_reward"] + 1e-6
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [0, 40, 80, 120]
-    assert all(math.isfinite(v) for r in records for v in r.values())
-    assert records[-1]["eval/true_reward"] == pytest.approx(after["true_reward"])
-    assert json.loads((tmp_path / "summary.json").read_text())["after"] == after
-
-
-def _short_job_losses():
-    return list(ALWAYS) + [name for name in IF_REGISTERED if name in losses.names()]
-
-
-@pytest.mark.parametrize("loss_name", _short_job_losses())
-def test_losses_of_every_data_shape_train(loss_name, tmp_path):
-    summary = _run(small_config(loss_name), tmp_path)
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert all(math.isfinite(v) for r in records for v in r.values())
-    assert summary["after"]["true_reward"] > summary["before"]["true_reward"] + 0.2, summary
-    if loss_name == "beta_dpo":  # its `keep` mask drops examples, and the step honours it
-        assert records[-1]["train/kept"] < 1.0
-
-
-def test_label_noise_is_reported(tmp_path):
-    summary = _run(small_config(label_noise=0.25, steps=2, log_every=1), tmp_path)
-    assert summary["label_flips"] == 256
-
-
-def test_reward_model_losses_are_refused(tmp_path):
-    @losses.register("_reward_model_for_test", inputs=losses.RewardPair, paper="-", equation="-")
-    def _rm(rp, *, scale=1.0):
-        return losses.LossOutput(losses=rp.chosen * scale, metrics={})
-
-    try:
-        with pytest.raises(bandit_train.ConfigError, match="_reward_model_for_test.*tunes policies"):
-            _run(small_config(loss_name="_reward_model_for_test", loss={"scale": 1.0}), tmp_path)
-    finally:
-        registry.unregister("_reward_model_for_test")
-
-
-def test_config_errors_name_the_problem(tmp_path):
-    with pytest.raises(bandit_train.ConfigError, match="unknown loss 'nope'.*dpo"):
-        _run(small_config(loss_name="nope"), tmp_path)
-    # DPO's label_smoothing is no IPO hyperparameter: the error says how to get IPO's own.
-    with pytest.raises(bandit_train.ConfigError, match="label_smoothing.*quickstart.py:ipo"):
-        _run(small_config("dpo", loss_name="ipo"), tmp_path)
-    with pytest.raises(bandit_train.ConfigError, match="batch_size"):
-        _run(small_config(batch_size=0), tmp_path)
-
-
-# ----------------------------------------------------------------------- command line
-
-
-def _main(*args, workdir):
-    command = [sys.executable, "-m", "prefjax.main", f"--config={CONFIG_FILE}", f"--workdir={workdir}", *args]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
-
-
-def test_command_line_runs_with_overrides(tmp_path):
-    result = _main(
-        "--config.loss_name=ipo", "--config.loss.beta=0.5", "--config.steps=20", "--config.log_every=10",
-        workdir=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "reward accuracy" in result.stdout
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["loss_name"] == "ipo" and summary["hparams"] == {"beta": 0.5} and summary["steps"] == 20
-
-
-def test_command_line_rejects_an_unknown_key_listing_the_valid_ones(tmp_path):
-    result = _main("--config.stpes=5", workdir=tmp_path)
-    assert result.returncode != 0
-    assert "unknown config key(s) ['stpes']" in result.stderr
-    assert "steps" in result.stderr and "loss_name" in result.stderr and "loss.beta" in result.stderr
-    assert "Traceback" not in result.stderr
-    assert not (tmp_path / "summary.json").exists()
+def test_an_unknown_task_names_the_tasks():
+    config = _small_config()
+    config.task = "chess"
+    with pytest.raises(KeyError, match="unknown task 'chess'; tasks are: \\['arithmetic', 'sentiment'\\]"):
+        pipeline.make_task(config)

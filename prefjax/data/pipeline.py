@@ -200,7 +200,7 @@ class _FlipLabels:
         self.flips = flips
 
     def __call__(self, index: int, example: Mapping[str, Any]) -> Mapping[str, Any]:
-        return flip_preference(example) if self.flips[index] else example
+        return flip_preference(example) if self.flips[index % len(self.flips)] else example
 
 
 class _Preprocess:

@@ -1,0 +1,13 @@
+"""The quick-start pipeline: a synthetic task with a verifiable reward, end to end.
+
+    python -m prefjax.main --config=configs/quickstart.py --workdir=/tmp/quickstart
+
+Stages (each a module): `tasks` (prompts, a noisy demonstrator, the ground-truth
+reward), `vocab` (a tokenizer for the task), `sft` (supervised fine-tuning of a tiny
+model), `rollouts` (sampling and scoring with prefjax.sampling / prefjax.logprobs),
+`west_of_n` (best-vs-worst preference pairs written as a JSONL dataset),
+preference tuning with prefjax.train, `evaluate` (reward, KL, win rate, reward
+accuracy), `plots`, and `pipeline` which runs them in order. `frontier` and
+`label_noise` run the experiments of configs/quickstart_frontier.py and
+configs/quickstart_label_noise.py in-process.
+"""
