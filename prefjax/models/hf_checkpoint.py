@@ -35,7 +35,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from prefjax import sharding
-from prefjax.models import hf_config, hf_layout, params as params_lib, safetensors_format
+from prefjax.models import hf_config, hf_layout, params as params_lib, safetensors_format, tree_paths
 from prefjax.models.config import ModelConfig
 from prefjax.models.tokenizer import Tokenizer, check_fits_model, load_tokenizer
 
@@ -47,10 +47,8 @@ COMPANION_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "chat_template.json", "generation_config.json")
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
-
 class CheckpointError(ValueError):
     """A checkpoint folder that does not hold exactly the model its config describes."""
-
 
 class CheckpointTensors:
     """A folder's tensors by name, across model.safetensors or a sharded index."""
@@ -103,7 +101,6 @@ class CheckpointTensors:
         """Memory-mapped view of tensor `name` (no bytes read until indexed)."""
         return self._file(self._owner[name]).array(name)
 
-
 @dataclasses.dataclass
 class HFCheckpoint:
     """A loaded folder: the architecture, the module structure, sharded params, tokenizer."""
@@ -114,12 +111,10 @@ class HFCheckpoint:
     params: Params
     tokenizer: Optional[Tokenizer]
 
-
 def load_config(folder: str | os.PathLike, **overrides: Any) -> ModelConfig:
     """The ModelConfig of a folder's config.json; overrides set param_dtype, dtype, remat, ..."""
     path = Path(folder) / "config.json"
     return hf_config.from_hf_config(hf_config.read_hf_config(path), str(path), **overrides)
-
 
 def load(folder: str | os.PathLike, *, mesh: Optional[Mesh] = None, rules: Optional[sharding.Rules] = None,
          with_tokenizer: bool = True, **cfg_overrides: Any) -> HFCheckpoint:
@@ -132,7 +127,6 @@ def load(folder: str | os.PathLike, *, mesh: Optional[Mesh] = None, rules: Optio
         check_fits_model(tokenizer, cfg.vocab_size)
     graphdef, _, _ = params_lib.abstract(cfg)
     return HFCheckpoint(folder, cfg, graphdef, load_params(folder, cfg, mesh=mesh, rules=rules), tokenizer)
-
 
 def load_params(folder: str | os.PathLike, cfg: ModelConfig, *, mesh: Optional[Mesh] = None,
                 rules: Optional[sharding.Rules] = None) -> Params:
@@ -157,11 +151,10 @@ def load_params(folder: str | os.PathLike, cfg: ModelConfig, *, mesh: Optional[M
                               f"has no parameter for (config.json may not match the weights), e.g. {unused[:5]}")
     flat: dict[tuple, jax.Array] = {}
     for m in mappings:
-        abstract = _get(shapes, m.path)
-        target = shardings and _get(shardings, m.path)
+        abstract = tree_paths.get(shapes, m.path)
+        target = shardings and tree_paths.get(shardings, m.path)
         flat[m.path] = _load_tensor(tensors, m, abstract, target)
-    return _nest(flat)
-
+    return tree_paths.nest(flat)
 
 def _load_tensor(tensors: CheckpointTensors, m: hf_layout.TensorMapping, abstract: jax.ShapeDtypeStruct,
                  target: Optional[jax.sharding.Sharding]) -> jax.Array:
@@ -178,7 +171,6 @@ def _load_tensor(tensors: CheckpointTensors, m: hf_layout.TensorMapping, abstrac
         target = SingleDeviceSharding(jax.devices()[0])
     # Each addressable device's callback copies only its own slice out of the map.
     return jax.make_array_from_callback(abstract.shape, target, lambda index: np.asarray(view[index], dtype=dtype))
-
 
 def save(folder: str | os.PathLike, cfg: ModelConfig, params: Params, *, copy_from: Optional[str | os.PathLike] = None,
          dtype: Optional[str] = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
@@ -198,7 +190,7 @@ def save(folder: str | os.PathLike, cfg: ModelConfig, params: Params, *, copy_fr
     out_dtype = None if dtype is None else np.dtype(jax.numpy.dtype(dtype))
     entries = []
     for m in mappings:
-        leaf = _get(params, m.path)
+        leaf = tree_paths.get(params, m.path)
         entry_dtype = out_dtype or np.dtype(leaf.dtype)
         entries.append(safetensors_format.TensorToWrite(
             m.hf_name, m.hf_shape, entry_dtype, lambda leaf=leaf, m=m, t=entry_dtype: _to_hf(leaf, m, t)))
@@ -231,7 +223,6 @@ def save(folder: str | os.PathLike, cfg: ModelConfig, params: Params, *, copy_fr
     multihost_utils.sync_global_devices("prefjax.hf_checkpoint.save")
     return written
 
-
 def to_config_json(cfg: ModelConfig, dtype: Optional[str], copy_from: Optional[str | os.PathLike],
                    extra_config: Optional[dict[str, Any]]) -> dict[str, Any]:
     carried: dict[str, Any] = {}
@@ -241,14 +232,12 @@ def to_config_json(cfg: ModelConfig, dtype: Optional[str], copy_from: Optional[s
         carried = {k: original[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in original}
     return hf_config.to_hf_config(cfg, torch_dtype=dtype or cfg.param_dtype, **carried, **(extra_config or {}))
 
-
 def _to_hf(leaf: jax.Array, m: hf_layout.TensorMapping, dtype: np.dtype) -> np.ndarray:
     if jax.process_count() > 1 and not leaf.is_fully_addressable:
         host = np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
     else:
         host = np.asarray(jax.device_get(leaf))
     return np.ascontiguousarray(m.to_hf(host)).astype(dtype, copy=False)
-
 
 def _split_into_files(entries: list[safetensors_format.TensorToWrite], max_bytes: int,
                       ) -> list[tuple[str, list[safetensors_format.TensorToWrite]]]:
@@ -266,18 +255,3 @@ def _split_into_files(entries: list[safetensors_format.TensorToWrite], max_bytes
     n = len(groups)
     return [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", group) for i, group in enumerate(groups)]
 
-
-def _get(tree: Any, path: tuple) -> Any:
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _nest(flat: dict[tuple, Any]) -> Params:
-    root: dict = {}
-    for path, value in flat.items():
-        node = root
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return root

@@ -40,7 +40,7 @@ from jax.sharding import Mesh
 
 from prefjax import sharding
 from prefjax.models.config import ModelConfig
-from prefjax.models import safetensors_format
+from prefjax.models import safetensors_format, tree_paths
 from prefjax.models.layers import dtype_of
 
 Array = jax.Array
@@ -51,7 +51,6 @@ MLP_TARGETS = (r"layers/\d+/mlp/(gate|up|down)$",)
 ALL_LINEAR_TARGETS = ATTENTION_TARGETS + MLP_TARGETS
 INITS = ("kaiming", "gaussian")
 
-
 @dataclasses.dataclass(frozen=True)
 class _Kind:
     """How a kernel's axes split: the first `n_in` are inputs, the rest outputs."""
@@ -59,7 +58,6 @@ class _Kind:
     n_in: int
     hf_name: str  # the Hugging Face module path, "{i}" standing for the layer index
     embedding: bool = False  # vocab-sized matrices need LoraConfig.allow_embeddings
-
 
 # Keyed by the '/'-joined path with the layer index replaced by "*".
 _KERNELS: dict[str, _Kind] = {
@@ -74,7 +72,6 @@ _KERNELS: dict[str, _Kind] = {
     "lm_head": _Kind(1, "lm_head", embedding=True),
 }
 _LAYER_INDEX = re.compile(r"^layers/(\d+)/")
-
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
@@ -125,14 +122,11 @@ class LoraConfig:
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
-
 # ---------------------------------------------------------------------------
 # Paths and target selection
 
-
 def _path_str(path: Sequence[Any]) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
 
 def _leaves(tree: Params, prefix: tuple = ()) -> Iterator[tuple[tuple, Any]]:
     """(key tuple, leaf) for every leaf of a nested dict, in sorted key order."""
@@ -143,10 +137,8 @@ def _leaves(tree: Params, prefix: tuple = ()) -> Iterator[tuple[tuple, Any]]:
         else:
             yield prefix + (key,), value
 
-
 def _kind_of(path: str) -> Optional[_Kind]:
     return _KERNELS.get(_LAYER_INDEX.sub("layers/*/", path))
-
 
 def _why_not_targetable(path: str, cfg: LoraConfig) -> Optional[str]:
     """None if `path` may carry an adapter under `cfg`, else the reason it may not."""
@@ -162,7 +154,6 @@ def _why_not_targetable(path: str, cfg: LoraConfig) -> Optional[str]:
     if kind.embedding and not cfg.allow_embeddings:
         return "it is a vocabulary matrix (pass LoraConfig(allow_embeddings=True) to adapt it)"
     return None
-
 
 def target_paths(params: Params, cfg: LoraConfig) -> list[tuple]:
     """Key tuples of the kernels `cfg.targets` select in `params` (arrays or shapes).
@@ -186,24 +177,6 @@ def target_paths(params: Params, cfg: LoraConfig) -> list[tuple]:
                 selected.append(keys)
     return sorted(selected, key=lambda keys: [(isinstance(k, str), k) for k in keys])
 
-
-def _get(tree: Params, keys: tuple) -> Any:
-    for key in keys:
-        tree = tree[key]
-    return tree
-
-
-def _nest(flat: dict[tuple, Any]) -> Params:
-    """{key tuple: value} -> nested dict."""
-    out: Params = {}
-    for keys, value in flat.items():
-        node = out
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-        node[keys[-1]] = value
-    return out
-
-
 def _adapter_items(adapters: Params, prefix: tuple = ()) -> Iterator[tuple[tuple, dict[str, Any]]]:
     """(kernel key tuple, {"a", "b"}) for every adapter in the nested dict."""
     for key, value in adapters.items():
@@ -214,28 +187,24 @@ def _adapter_items(adapters: Params, prefix: tuple = ()) -> Iterator[tuple[tuple
         else:
             raise ValueError(f"adapter tree has a stray leaf at {_path_str(prefix + (key,))!r}")
 
-
 def _split_shape(path: str, shape: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     kind = _kind_of(path)
     if kind is None or len(shape) <= kind.n_in:
         raise ValueError(f"{path!r} with shape {tuple(shape)} is not a LoRA-targetable kernel")
     return tuple(shape[: kind.n_in]), tuple(shape[kind.n_in:])
 
-
 # ---------------------------------------------------------------------------
 # Creation, logical axes, sharding
-
 
 def abstract_lora(params: Params, cfg: LoraConfig) -> Params:
     """ShapeDtypeStructs of the adapters `init_lora` would create for `params`."""
     dtype = dtype_of(cfg.dtype)
     flat = {}
     for keys in target_paths(params, cfg):
-        ins, outs = _split_shape(_path_str(keys), _get(params, keys).shape)
+        ins, outs = _split_shape(_path_str(keys), tree_paths.get(params, keys).shape)
         flat[keys] = {"a": jax.ShapeDtypeStruct(ins + (cfg.rank,), dtype),
                       "b": jax.ShapeDtypeStruct((cfg.rank,) + outs, dtype)}
-    return _nest(flat)
-
+    return tree_paths.nest(flat)
 
 def lora_logical_axes(params: Params, base_axes: Params, cfg: LoraConfig) -> Params:
     """Logical axes of the adapters: A keeps the kernel's input axes, B its output axes.
@@ -245,18 +214,16 @@ def lora_logical_axes(params: Params, base_axes: Params, cfg: LoraConfig) -> Par
     """
     flat = {}
     for keys in target_paths(params, cfg):
-        axes = tuple(_get(base_axes, keys))
+        axes = tuple(tree_paths.get(base_axes, keys))
         n_in = _kind_of(_path_str(keys)).n_in
         flat[keys] = {"a": axes[:n_in] + (None,), "b": (None,) + axes[n_in:]}
-    return _nest(flat)
-
+    return tree_paths.nest(flat)
 
 def lora_shardings(params: Params, base_axes: Params, cfg: LoraConfig, mesh: Mesh,
                    rules: Optional[sharding.Rules] = None) -> Params:
     """NamedSharding per adapter factor, from the inherited logical axes and the rules."""
     axes = lora_logical_axes(params, base_axes, cfg)
     return sharding.tree_shardings(mesh, abstract_lora(params, cfg), axes, rules)
-
 
 def _init_factor_a(key: Array, path: str, shape: tuple[int, ...], cfg: LoraConfig) -> Array:
     if cfg.init == "gaussian":
@@ -267,7 +234,6 @@ def _init_factor_a(key: Array, path: str, shape: tuple[int, ...], cfg: LoraConfi
     fan_in = 1 if _kind_of(path).embedding else math.prod(shape[:-1])
     bound = 1.0 / math.sqrt(fan_in)
     return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
-
 
 def init_lora(params: Params, cfg: LoraConfig, rng: Array, *, mesh: Optional[Mesh] = None,
               base_axes: Optional[Params] = None, rules: Optional[sharding.Rules] = None) -> Params:
@@ -290,16 +256,14 @@ def init_lora(params: Params, cfg: LoraConfig, rng: Array, *, mesh: Optional[Mes
             key = jax.random.fold_in(rng, zlib.crc32(path.encode()))
             a = _init_factor_a(key, path, spec["a"].shape, cfg).astype(spec["a"].dtype)
             flat[keys] = {"a": a, "b": jnp.zeros(spec["b"].shape, spec["b"].dtype)}
-        return _nest(flat)
+        return tree_paths.nest(flat)
 
     if mesh is None:
         return create()  # op by op: no compilation per call for small adapter sets
     return jax.jit(create, out_shardings=out_shardings)()
 
-
 # ---------------------------------------------------------------------------
 # Applying, merging
-
 
 def lora_delta(adapter: dict[str, Array], cfg: LoraConfig) -> Array:
     """scale * A @ B in float32, shaped like the kernel ([*in, *out])."""
@@ -308,7 +272,6 @@ def lora_delta(adapter: dict[str, Array], cfg: LoraConfig) -> Array:
     # HIGHEST: TPUs would otherwise multiply float32 in bfloat16 passes, and
     # unmerge(merge(W)) should give W back to float32 rounding.
     return cfg.scale * jnp.tensordot(a, b, axes=1, precision=jax.lax.Precision.HIGHEST)
-
 
 def _map_adapted(params: Params, adapters: Params, fn: Callable[[Array, dict[str, Array]], Array]) -> Params:
     """A copy of `params` with fn(kernel, adapter) at every adapted kernel; other leaves shared."""
@@ -332,12 +295,10 @@ def _map_adapted(params: Params, adapters: Params, fn: Callable[[Array, dict[str
         raise ValueError(f"adapters for parameters that do not exist: {missing}")
     return result
 
-
 def _check_shapes(kernel: Array, adapter: dict[str, Array], cfg: LoraConfig) -> None:
     a, b = adapter["a"].shape, adapter["b"].shape
     if a[-1] != cfg.rank or b[0] != cfg.rank or tuple(a[:-1]) + tuple(b[1:]) != tuple(kernel.shape):
         raise ValueError(f"adapter shapes A {a}, B {b} do not fit kernel {kernel.shape} at rank {cfg.rank}")
-
 
 def _add(sign: float, cfg: LoraConfig) -> Callable[[Array, dict[str, Array]], Array]:
     def fn(kernel: Array, adapter: dict[str, Array]) -> Array:
@@ -347,7 +308,6 @@ def _add(sign: float, cfg: LoraConfig) -> Callable[[Array, dict[str, Array]], Ar
         return (kernel.astype(jnp.float32) + sign * lora_delta(adapter, cfg)).astype(kernel.dtype)
 
     return fn
-
 
 def apply_lora(params: Params, adapters: Params, cfg: LoraConfig, *, enabled: bool = True) -> Params:
     """The effective params W + scale * A @ B (call inside the jitted forward).
@@ -360,7 +320,6 @@ def apply_lora(params: Params, adapters: Params, cfg: LoraConfig, *, enabled: bo
         return params
     return _map_adapted(params, adapters, _add(1.0, cfg))
 
-
 def merge(params: Params, adapters: Params, cfg: LoraConfig) -> Params:
     """Params with the adapters folded in (for inference or export); same dtypes as `params`.
 
@@ -368,15 +327,12 @@ def merge(params: Params, adapters: Params, cfg: LoraConfig) -> Params:
     """
     return apply_lora(params, adapters, cfg)
 
-
 def unmerge(merged: Params, adapters: Params, cfg: LoraConfig) -> Params:
     """Inverse of `merge`: the base params back, up to float rounding."""
     return _map_adapted(merged, adapters, _add(-1.0, cfg))
 
-
 # ---------------------------------------------------------------------------
 # Export
-
 
 def describe(adapters: Params, cfg: LoraConfig) -> dict[str, Any]:
     """A JSON-able description of adapters: the config plus each adapter's path and shapes."""
@@ -396,17 +352,14 @@ def describe(adapters: Params, cfg: LoraConfig) -> dict[str, Any]:
         },
     }
 
-
 def config_from_description(description: dict[str, Any]) -> LoraConfig:
     """The LoraConfig a `describe` output was made with."""
     fields = {f.name for f in dataclasses.fields(LoraConfig)}
     return LoraConfig(**{k: v for k, v in description.items() if k in fields})
 
-
 def adapters_only(adapters: Params, cfg: LoraConfig) -> tuple[Params, dict[str, Any]]:
     """(adapters as host numpy arrays, JSON-able description): what to save for a LoRA run."""
     return jax.device_get(adapters), describe(adapters, cfg)
-
 
 def peft_tensors(adapters: Params) -> dict[str, np.ndarray]:
     """PEFT state-dict names -> arrays in PEFT's layout (A [r, in], B [out, r]).
@@ -437,7 +390,6 @@ def peft_tensors(adapters: Params) -> dict[str, np.ndarray]:
             tensors[module + ".lora_B.weight"] = b_hf
     return tensors
 
-
 def _peft_target_modules(adapters: Params, model_cfg: ModelConfig) -> Any:
     """Module names (every layer covered) or an exact full-match regex (a subset of layers)."""
     names = {}
@@ -454,7 +406,6 @@ def _peft_target_modules(adapters: Params, model_cfg: ModelConfig) -> Any:
         return short
     # PEFT full-matches a string target_modules against module names.
     return "(" + "|".join(re.escape(name) for name in sorted(names.values())) + ")"
-
 
 def export_peft(adapters: Params, lora_cfg: LoraConfig, model_cfg: ModelConfig, folder: str, *,
                 base_model_name_or_path: Optional[str] = None) -> dict[str, tuple[int, ...]]:
@@ -496,9 +447,8 @@ def export_peft(adapters: Params, lora_cfg: LoraConfig, model_cfg: ModelConfig, 
     safetensors_format.write(os.path.join(folder, "adapter_model.safetensors"), tensors, metadata={"format": "pt"})
     return {name: tuple(t.shape) for name, t in tensors.items()}
 
-
 def _get_or_none(tree: Params, keys: tuple) -> Any:
     try:
-        return _get(tree, keys)
+        return tree_paths.get(tree, keys)
     except (KeyError, TypeError):
         return None

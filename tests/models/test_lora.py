@@ -16,7 +16,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from prefjax import models, sharding
-from prefjax.models import lora, safetensors_format
+from prefjax.models import lora, safetensors_format, tree_paths
 
 LCFG = lora.LoraConfig(rank=4, alpha=8.0)  # shared, so the jitted forwards compile once
 TOKENS = (np.arange(2 * 12).reshape(2, 12) * 7 % 256).astype(np.int32)
@@ -62,7 +62,7 @@ def _randomise_b(adapters, seed=1, std=0.05):
     for key, (path, ad) in zip(keys, items):
         b = std * jax.random.normal(key, ad["b"].shape, ad["b"].dtype)
         flat[path] = {"a": ad["a"], "b": jax.device_put(b, ad["b"].sharding)}
-    return lora._nest(flat)
+    return tree_paths.nest(flat)
 
 
 def _numpy_tree(tree):
