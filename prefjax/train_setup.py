@@ -49,7 +49,8 @@ class Setup:
 
 def _model_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
     m = config.model
-    return dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, attention_impl=m.attention_impl)
+    return dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, attention_impl=m.attention_impl,
+                attention_block_size=m.attention_block_size)
 
 
 def build_model(config: ml_collections.ConfigDict, mesh: Mesh, rules: Any,

@@ -334,3 +334,60 @@ def test_shift_labels_scores_each_token_from_the_state_before_it():
         expected = sum(bigram[tok[b, t - 1], tok[b, t]] for t in range(first, 9))
         np.testing.assert_allclose(float(total[b]), expected, rtol=1e-5)
         assert float(count[b]) == 9 - first
+
+
+# ---------------------------------------------------------------------------------------------
+# Scored positions first: tiles past every row's last scored position are skipped
+
+
+def test_scored_first_permutation_is_stable_and_inverted():
+    mask = jnp.array([[0, 1, 0, 1, 1, 0], [1, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 0]], bool)
+    order, inverse, packed = logprobs._scored_first(mask)
+    np.testing.assert_array_equal(order[0], [1, 3, 4, 0, 2, 5])  # scored ones in order, then the rest
+    np.testing.assert_array_equal(order[1], [0, 5, 1, 2, 3, 4])
+    np.testing.assert_array_equal(order[2], np.arange(6))
+    np.testing.assert_array_equal(np.take_along_axis(np.asarray(order), np.asarray(inverse), 1),
+                                  np.broadcast_to(np.arange(6), (3, 6)))
+    np.testing.assert_array_equal(packed, [[1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0], [0] * 6])
+
+
+@pytest.mark.parametrize("mask_rows,expected", [([[0] * 10], 0), ([[1] + [0] * 9], 1), ([[0] * 4 + [1] + [0] * 5], 2),
+                                                ([[0] * 9 + [1], [1] + [0] * 9], 3)])
+def test_active_tiles_end_at_the_last_scored_position(mask_rows, expected):
+    assert int(logprobs._active_tiles(jnp.array(mask_rows, bool), 4)) == expected
+
+
+@pytest.mark.parametrize("chunk", [4, 5, 64])
+def test_prompt_heavy_masks_match_naive_values_and_gradients(chunk):
+    """Rows that score only a late stretch (a long prompt), one row scoring nothing, scattered masks."""
+    h, w, h_ref, w_ref, labels, weights = _inputs(seed=11, batch=4)
+    pos = np.arange(T)
+    mask = jnp.asarray(np.stack([pos >= 15, np.zeros(T, bool), (pos % 3 == 0) & (pos > 2), pos >= 21]))
+    m = np.asarray(mask)
+    out = jax.jit(lambda h, w: logprobs.token_logps(h, w, labels, mask_BxT=mask, chunk_size=chunk))(h, w)
+    _assert_close(out, np.where(m, np_token_logps(h, w, labels), 0), 1e-5, 1e-5)
+    assert not np.any(np.asarray(out)[1])
+
+    def chunked(h, w):
+        o = logprobs.token_logps_and_kl(h, w, h_ref, w_ref, labels, mask, chunk_size=chunk)
+        return jnp.sum(weights * o.policy_logps + 0.5 * o.kl)
+
+    def naive(h, w):
+        return jnp.sum(jnp.where(mask, weights * naive_token_logps(h, w, labels)
+                                 + 0.5 * naive_kl(h, w, h_ref, w_ref), 0.0))
+
+    grads = jax.jit(jax.grad(chunked, argnums=(0, 1)))(h, w)
+    expected = jax.jit(jax.grad(naive, argnums=(0, 1)))(h, w)
+    _assert_close(grads[0], expected[0], rtol=1e-4, atol=1e-5, what="hidden")
+    _assert_close(grads[1], expected[1], rtol=1e-4, atol=1e-5, what="unembed")
+    assert not np.any(np.asarray(grads[0])[~m]), "an unscored position got a gradient"
+
+
+def test_nothing_scored_gives_zeros_and_zero_gradients():
+    h, w, _, _, labels, _ = _inputs(seed=3)
+    mask = jnp.zeros((B, T), bool)
+    out = logprobs.token_logps(h, w, labels, mask_BxT=mask, chunk_size=5)
+    assert not np.any(np.asarray(out))
+    g = jax.grad(lambda h, w: logprobs.token_logps(h, w, labels, mask_BxT=mask, chunk_size=5).sum(),
+                 argnums=(0, 1))(h, w)
+    assert not np.any(np.asarray(g[0])) and not np.any(np.asarray(g[1]))

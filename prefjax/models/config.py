@@ -14,7 +14,7 @@ import dataclasses
 from typing import Any, Optional
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
-ATTENTION_IMPLS = (None, "xla", "cudnn", "splash")
+ATTENTION_IMPLS = (None, "blocked", "xla", "cudnn", "splash")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
@@ -48,11 +48,14 @@ class ModelConfig:
       param_dtype, dtype: parameter storage and compute dtypes ("float32",
         "bfloat16").
       remat: rematerialisation policy per layer, one of REMAT_POLICIES.
-      attention_impl: None (jax chooses), "xla" or "cudnn" (passed to
+      attention_impl: None ("blocked" on CPU, jax's choice elsewhere),
+        "blocked" (prefjax's einsum attention in causal query blocks that skip
+        the masked upper triangle), "xla" or "cudnn" (passed to
         jax.nn.dot_product_attention; soft-capped attention uses prefjax's own
         einsum path because those kernels have no soft-cap), or "splash"
         (TPU Pallas splash kernel for forwards without a KV cache; rows must be
         right-padded or packed with positions counting up per segment).
+      attention_block_size: queries per block of the "blocked" implementation.
     """
 
     family: str
@@ -83,6 +86,7 @@ class ModelConfig:
     dtype: str = "float32"
     remat: str = "none"
     attention_impl: Optional[str] = None
+    attention_block_size: int = 128
 
     def __post_init__(self) -> None:
         problems = []
@@ -96,6 +100,8 @@ class ModelConfig:
             problems.append(f"remat {self.remat!r} is not one of {REMAT_POLICIES}")
         if self.attention_impl not in ATTENTION_IMPLS:
             problems.append(f"attention_impl {self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
+        if self.attention_block_size < 1:
+            problems.append(f"attention_block_size {self.attention_block_size} must be positive")
         if self.rope_scaling is not None and self.rope_scaling.get("rope_type") not in ("linear", "llama3", "default"):
             problems.append(f"rope_scaling type {self.rope_scaling.get('rope_type')!r} is not supported "
                             "(supported: default, linear, llama3)")

@@ -52,7 +52,7 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
 
 def from_hf_config(config: dict[str, Any], source: str = "config.json", **overrides: Any) -> ModelConfig:
     """The ModelConfig of a Hugging Face config dict; `overrides` set prefjax-only
-    fields (param_dtype, dtype, remat, attention_impl)."""
+    fields (param_dtype, dtype, remat, attention_impl, attention_block_size)."""
     reader = _Fields(config, source)
     model_type = reader.get("model_type", str)
     if model_type not in _FAMILIES:
