@@ -112,10 +112,34 @@ def run_framework(framework: str, python: str, job_file: Path, timeout: float, o
     return result
 
 
+def cpu_peak_flops() -> tuple[float, str]:
+    """Best float32 rate of a 4096 x 4096 jitted matmul on this machine (before any runner starts)."""
+    import jax
+
+    from prefjax import metrics
+
+    rate = metrics.measure_matmul_flops(jax.devices()[0], "float32", size=4096, reps=5)
+    return rate, f"measured: float32 4096x4096 matmul, best of 5, {rate / 1e9:.1f} GFLOP/s"
+
+
+def annotate(row: dict, peak: float) -> dict:
+    """Adds the cell's model FLOPs per step and required memory (the same for every framework)."""
+    from prefjax import memory_budget, metrics
+
+    cfg = workload.model_config(row["size"], row["seq"])
+    tokens = 2 * row["pairs"] * row["seq"]
+    row["model_flops"] = metrics.preference_step_flops(cfg, tokens, row["seq"], reference_forward=True)
+    need = memory_budget.preference_step_memory(cfg, tokens)
+    row["required_bytes"], row["required_text"] = need.total, need.describe()
+    row["peak_flops"] = peak
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     workdir = args.workdir or args.venv_root / "work"
     workdir.mkdir(parents=True, exist_ok=True)
+    peak, peak_source = cpu_peak_flops()
     pythons = {fw: venvs.python_for(fw, args.venv_root, install=not args.no_install) for fw in args.frameworks}
     rows = []
     for size in args.sizes:
@@ -138,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                         all_rounds[fw].append(result["step_seconds"])
                     if fw not in best or ("error" not in result and result["step_seconds"] < best[fw]["step_seconds"]):
                         best[fw] = result
-            rows += [dict(framework=fw, size=size, seq=seq, pairs=args.pairs, params=job.num_params,
-                          round_step_seconds=all_rounds[fw], **best[fw]) for fw in args.frameworks]
+            rows += [annotate(dict(framework=fw, size=size, seq=seq, pairs=args.pairs, params=job.num_params,
+                                   round_step_seconds=all_rounds[fw], **best[fw]), peak) for fw in args.frameworks]
     cores = os.cpu_count()
     print(f"DPO step, {args.pairs} pairs x seq (prompt = response = seq/2), frozen reference, AdamW lr={args.lr}, "
           f"beta={args.beta}; median of {args.steps - args.warmup} steps after {args.warmup} warm-up"
@@ -149,8 +173,12 @@ def main(argv: list[str] | None = None) -> int:
           f"load average {os.getloadavg()[0]:.1f}; "
           + "; ".join(f"{r['framework']}: {r['version']}" for r in rows if "version" in r and r["size"] == rows[0]["size"]
                       and r["seq"] == rows[0]["seq"]))
+    print(f"MFU: model FLOPs (policy forward + backward = 3 forwards, reference forward = 1; matmuls + causal "
+          f"attention, prefjax.metrics.preference_step_flops) / step time / CPU peak ({peak_source})")
     print()
     print(table.speed_table(rows))
+    print()
+    print(table.memory_table(rows))
     print()
     losses, ok = table.loss_check(rows, args.loss_tol, args.logp_rtol)
     print(losses)

@@ -59,3 +59,17 @@ def test_loss_check_flags_a_mismatch_and_ratios_are_to_prefjax():
     trl_line = next(ln for ln in speed.splitlines() if ln.startswith("| trl"))
     assert "| 4 (0.50x) |" in trl_line  # 4 pairs / 1.0 s against prefjax's 4 / 0.5 s
     assert "unavailable: no wheel" in speed
+
+
+def test_mfu_and_memory_columns_follow_the_row_numbers():
+    rows = [dict(_row("prefjax", 0.6931, step=2.0), model_flops=4e9, peak_flops=1e10, required_bytes=2**30,
+                 required_text="params 1 + ... = 1,024.0 MiB", xla_peak_bytes=2**29 * 3),
+            dict(_row("trl", 0.6931, step=4.0), model_flops=4e9, peak_flops=1e10, required_bytes=2**30,
+                 required_text="params 1 + ... = 1,024.0 MiB", peak_rss=2**31)]
+    speed = table.speed_table(rows).splitlines()
+    assert "MFU (%)" in speed[0]
+    assert "| 20.0 |" in speed[2]  # 4 GFLOP / 2 s / 10 GFLOP/s
+    assert "| 10.0 (0.50x) |" in speed[3]
+    memory = table.memory_table(rows).splitlines()
+    assert "| 1,536.0 | 1.50x |" in memory[2]  # XLA peak 1.5 GiB over 1 GiB required
+    assert memory[3].endswith("| 2,048 | 2.00x |") and "| - | - |" in memory[3]

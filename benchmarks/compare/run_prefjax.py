@@ -57,6 +57,11 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     compiled = fn.lower(state, frozen, batch).compile()
     compile_s = time.perf_counter() - start
+    mem = compiled.memory_analysis()
+    # XLA's own account of the step program's peak: inputs + outputs + temporaries, minus
+    # the outputs that reuse donated inputs' buffers.
+    xla_peak = None if mem is None else (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                                         + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
     clock = runner_common.StepClock()
     first_logps = None
     for _ in range(job["steps"]):
@@ -66,7 +71,8 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         if first_logps is None:
             first_logps = float(m["logps/chosen"])  # policy log-prob of the chosen responses, mean over pairs
     out = clock.summary(job["warmup"])
-    out.update(first_logps_chosen=first_logps, compile_seconds=compile_s, version=f"jax {jax.__version__}")
+    out.update(first_logps_chosen=first_logps, compile_seconds=compile_s, version=f"jax {jax.__version__}",
+               xla_peak_bytes=xla_peak)
     return out
 
 

@@ -11,8 +11,11 @@ Row = dict[str, Any]  # framework, size, seq, pairs, params, and either the runn
 def derived(row: Row) -> dict[str, float]:
     """pairs/s, tokens/s (both sequences of each pair, full length), step ms, RSS MiB, start-up s."""
     step = row["step_seconds"]
-    return {"pairs/s": row["pairs"] / step, "tokens/s": 2 * row["pairs"] * row["seq"] / step,
-            "step (ms)": 1e3 * step, "peak RSS (MiB)": row["peak_rss"] / 2**20, "start-up (s)": row["startup_seconds"]}
+    out = {"pairs/s": row["pairs"] / step, "tokens/s": 2 * row["pairs"] * row["seq"] / step,
+           "step (ms)": 1e3 * step, "peak RSS (MiB)": row["peak_rss"] / 2**20, "start-up (s)": row["startup_seconds"]}
+    if row.get("model_flops") and row.get("peak_flops"):
+        out["MFU (%)"] = 100.0 * row["model_flops"] / step / row["peak_flops"]
+    return out
 
 
 def _fmt(value: float) -> str:
@@ -23,7 +26,9 @@ def _fmt(value: float) -> str:
 
 def speed_table(rows: list[Row]) -> str:
     """Markdown table; each number is followed by its ratio to prefjax's row of the same cell."""
-    cols = ["pairs/s", "tokens/s", "step (ms)", "peak RSS (MiB)", "start-up (s)"]
+    cols = ["pairs/s", "tokens/s", "step (ms)", "MFU (%)", "peak RSS (MiB)", "start-up (s)"]
+    if not all("model_flops" in r for r in rows if "error" not in r):
+        cols.remove("MFU (%)")
     lines = ["| framework | size | params | seq | " + " | ".join(cols) + " |", "|---" * (4 + len(cols)) + "|"]
     base = {(r["size"], r["seq"]): derived(r) for r in rows if r["framework"] == "prefjax" and "error" not in r}
     for r in rows:
@@ -72,3 +77,22 @@ def loss_check(rows: list[Row], tol: float, logp_rtol: float) -> tuple[str, bool
         logp_text = "-" if logps is None else f"{logps:.4f}"
         lines.append(f"| {r['framework']} | {r['size']} | {r['seq']} | {losses[0]:.6f} | {second} | {logp_text} | {diff} |")
     return "\n".join(lines), ok
+
+
+def memory_table(rows: list[Row]) -> str:
+    """Peak memory against what the step must hold (prefjax.memory_budget), per framework.
+
+    prefjax also reports XLA's own peak for the step program (inputs + outputs + temporaries,
+    donated buffers counted once); RSS includes each runtime's own code and libraries.
+    """
+    lines = ["| framework | size | seq | required (arithmetic) | XLA step peak (MiB) | XLA / required | "
+             "peak RSS (MiB) | RSS / required |", "|---" * 8 + "|"]
+    for r in rows:
+        if "error" in r or "required_bytes" not in r:
+            continue
+        need = r["required_bytes"]
+        xla = r.get("xla_peak_bytes")
+        xla_cells = f"{xla / 2**20:,.1f} | {xla / need:.2f}x" if xla else "- | -"
+        lines.append(f"| {r['framework']} | {r['size']} | {r['seq']} | {r['required_text']} | {xla_cells} | "
+                     f"{r['peak_rss'] / 2**20:,.0f} | {r['peak_rss'] / need:.2f}x |")
+    return "\n".join(lines)
