@@ -45,7 +45,7 @@ def trainer_config() -> ConfigDict:
         preset="llama2-tiny",  # a prefjax.models preset name, used when hf_folder is empty
         hf_folder="",  # a Hugging Face folder (config.json, safetensors, tokenizer) to start from
         param_dtype="float32", dtype="float32", remat="none", attention_impl=None,
-        attention_block_size=128,  # queries per block of attention_impl "blocked" (the CPU default)
+        attention_block_size=0,  # queries per block of the CPU attention paths; 0 = measured default
     ))
     c.model.attention_impl = ml_collections.FieldReference(None, field_type=str)
     c.lora = ConfigDict(dict(enabled=False, rank=8, alpha=16.0, targets=("attn/(q|k|v|o)$", "mlp/(gate|up|down)$"),

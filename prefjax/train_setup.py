@@ -50,7 +50,7 @@ class Setup:
 def _model_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
     m = config.model
     return dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, attention_impl=m.attention_impl,
-                attention_block_size=m.attention_block_size)
+                attention_block_size=m.attention_block_size or None)
 
 
 def build_model(config: ml_collections.ConfigDict, mesh: Mesh, rules: Any,

@@ -14,12 +14,15 @@ layout the data pipeline makes: positions count up within each segment), which
 is what lets the blocked path skip work.
 
 Implementations (`ModelConfig.attention_impl`):
-- "blocked" (the default on CPU): prefjax's einsum attention, cut into query
-  blocks that each attend only to the keys up to their own end, so the masked
-  upper triangle is mostly never computed. Profiling the train step on a
-  2-core CPU showed attention taking 60-70 % of a small model's step through
-  `jax.nn.dot_product_attention`; blocks of 128 queries run its forward and
+- "blocked" (the CPU default up to 512 tokens): prefjax's einsum attention,
+  cut into query blocks that each attend only to the keys up to their own end,
+  so the masked upper triangle is mostly never computed. Profiling the train
+  step on a 2-core CPU showed attention taking 60-70 % of a small model's step
+  through `jax.nn.dot_product_attention`; query blocks run its forward and
   backward 2.5-3x faster (see benchmarks/RESULTS.md).
+- "flash" (the CPU default from 1024 tokens): tiles with an online softmax and
+  a recomputing backward (prefjax.models.flash_attention), which keeps no
+  [T, T] probabilities for the backward pass.
 - "xla" / "cudnn" / None elsewhere: `jax.nn.dot_product_attention`.
 - "splash": the TPU Pallas kernel (prefjax.models.splash) for forwards
   without a KV cache.
@@ -36,7 +39,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from prefjax import sharding
-from prefjax.models import splash
+from prefjax.models import flash_attention, splash
 from prefjax.models.config import ModelConfig
 from prefjax.models.layers import RMSNorm, apply_rope, dtype_of, param, softcap
 
@@ -107,30 +110,44 @@ def blocked_attention(q_BxTxNxH: Array, k_BxTxKxH: Array, v_BxTxKxH: Array, mask
     return jnp.concatenate(outs, axis=1)
 
 
-def resolve_implementation(requested: Optional[str]) -> Optional[str]:
-    """None means "blocked" on CPU (measured fastest there) and jax's own choice elsewhere."""
+# Measured on a 2-core CPU (benchmarks/RESULTS.md): blocked attention with 64-query blocks is
+# fastest up to T = 512; beyond that the tiled flash path is as fast or faster and, above all,
+# keeps no [B, heads, T, T] probabilities for the backward pass (1 GiB per layer at B = 16,
+# 8 heads, T = 2048).
+_CPU_FLASH_FROM = 1024
+_DEFAULT_BLOCK = {"blocked": 64, "flash": 128}
+
+
+def resolve_implementation(requested: Optional[str], length: Optional[int] = None) -> Optional[str]:
+    """None means, on CPU, "blocked" for rows up to 512 tokens and "flash" beyond; elsewhere jax's choice."""
     if requested is None and jax.default_backend() == "cpu":
-        return "blocked"
+        return "flash" if length is not None and length >= _CPU_FLASH_FROM else "blocked"
     return requested
 
 
 def dot_product_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_BxTxS: Array, *,
                           scale: float, logit_softcap: Optional[float],
-                          implementation: Optional[str] = None, block_size: int = 128,
+                          implementation: Optional[str] = None, block_size: Optional[int] = None,
                           causal_rows: bool = False) -> Array:
     """Softmax attention with GQA through the configured implementation.
 
     `causal_rows` says the mask already excludes keys later in the row (a
-    forward without a cache), which the blocked path needs; without it the
-    blocked path falls back to one block.
+    forward without a cache), which the blocked and flash paths need; without
+    it they fall back to plain einsum attention. `block_size` None takes each
+    path's measured default.
     """
-    implementation = resolve_implementation(implementation)
-    if implementation == "blocked" or logit_softcap is not None:
-        if causal_rows and q_BxTxNxH.shape[1] == k_BxSxKxH.shape[1]:
-            return blocked_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, scale=scale,
-                                     logit_softcap=logit_softcap, block_size=block_size)
-        return einsum_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, scale=scale,
-                                logit_softcap=logit_softcap)
+    self_attention = causal_rows and q_BxTxNxH.shape[1] == k_BxSxKxH.shape[1]
+    implementation = resolve_implementation(implementation, q_BxTxNxH.shape[1])
+    if implementation in ("blocked", "flash") or logit_softcap is not None:
+        if not self_attention:
+            return einsum_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, scale=scale,
+                                    logit_softcap=logit_softcap)
+        if implementation == "flash":
+            return flash_attention.flash_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, scale=scale,
+                                                   logit_softcap=logit_softcap,
+                                                   block_size=block_size or _DEFAULT_BLOCK["flash"])
+        return blocked_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, scale=scale,
+                                 logit_softcap=logit_softcap, block_size=block_size or _DEFAULT_BLOCK["blocked"])
     return jax.nn.dot_product_attention(
         q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_BxTxS[:, None, :, :], scale=scale,
         implementation=implementation,

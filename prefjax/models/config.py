@@ -14,7 +14,7 @@ import dataclasses
 from typing import Any, Optional
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
-ATTENTION_IMPLS = (None, "blocked", "xla", "cudnn", "splash")
+ATTENTION_IMPLS = (None, "blocked", "flash", "xla", "cudnn", "splash")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
@@ -48,14 +48,16 @@ class ModelConfig:
       param_dtype, dtype: parameter storage and compute dtypes ("float32",
         "bfloat16").
       remat: rematerialisation policy per layer, one of REMAT_POLICIES.
-      attention_impl: None ("blocked" on CPU, jax's choice elsewhere),
-        "blocked" (prefjax's einsum attention in causal query blocks that skip
-        the masked upper triangle), "xla" or "cudnn" (passed to
+      attention_impl: None (on CPU "blocked" up to 512 tokens, "flash"
+        beyond; jax's choice elsewhere), "blocked" (prefjax's einsum attention
+        in causal query blocks that skip the masked upper triangle), "flash"
+        (tiled online-softmax attention with a recomputing backward), "xla" or "cudnn" (passed to
         jax.nn.dot_product_attention; soft-capped attention uses prefjax's own
         einsum path because those kernels have no soft-cap), or "splash"
         (TPU Pallas splash kernel for forwards without a KV cache; rows must be
         right-padded or packed with positions counting up per segment).
-      attention_block_size: queries per block of the "blocked" implementation.
+      attention_block_size: queries (and keys) per block of the "blocked" and
+        "flash" implementations; None = their measured defaults (64, 128).
     """
 
     family: str
@@ -86,7 +88,7 @@ class ModelConfig:
     dtype: str = "float32"
     remat: str = "none"
     attention_impl: Optional[str] = None
-    attention_block_size: int = 128
+    attention_block_size: Optional[int] = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -100,7 +102,7 @@ class ModelConfig:
             problems.append(f"remat {self.remat!r} is not one of {REMAT_POLICIES}")
         if self.attention_impl not in ATTENTION_IMPLS:
             problems.append(f"attention_impl {self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
-        if self.attention_block_size < 1:
+        if self.attention_block_size is not None and self.attention_block_size < 1:
             problems.append(f"attention_block_size {self.attention_block_size} must be positive")
         if self.rope_scaling is not None and self.rope_scaling.get("rope_type") not in ("linear", "llama3", "default"):
             problems.append(f"rope_scaling type {self.rope_scaling.get('rope_type')!r} is not supported "

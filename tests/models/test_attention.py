@@ -1,8 +1,8 @@
 """Attention implementations against a float64 numpy softmax written from the masking rules.
 
-The blocked path (CPU default) must equal plain softmax attention exactly where the mask
-already excludes keys later in the row; the model must give the same hidden states and
-gradients with "blocked" and jax's "xla" implementation.
+The blocked and flash paths (the CPU defaults) must equal plain softmax attention where the
+mask already excludes keys later in the row, in values and gradients; the model must give
+the same hidden states and gradients with them as with jax's "xla" implementation.
 """
 
 from __future__ import annotations
@@ -59,22 +59,26 @@ def _qkv(t=13, b=3, n=4, kv=2, h=8, seed=0):
             jax.random.normal(keys[2], (b, t, kv, h)))
 
 
-@pytest.mark.parametrize("block", [1, 4, 5, 13, 64])
+@pytest.mark.parametrize("impl", ["blocked", "flash"])
+@pytest.mark.parametrize("block", [4, 5, 13, 64])
 @pytest.mark.parametrize("window,softcap", [(None, None), (3, None), (None, 2.0)])
-def test_blocked_attention_equals_softmax_attention(block, window, softcap):
+def test_tiled_attention_equals_softmax_attention(impl, block, window, softcap):
     positions, segments = _rows()
     q, k, v = _qkv()
     mask = attention.index_causal(attention.attention_mask(
         jnp.asarray(positions), jnp.asarray(segments), jnp.asarray(positions), jnp.asarray(segments), window))
     visible = _visible(positions, segments, window)
     np.testing.assert_array_equal(mask, visible)
-    got = attention.blocked_attention(q, k, v, mask, scale=0.3, logit_softcap=softcap, block_size=block)
+    got = attention.dot_product_attention(q, k, v, mask, scale=0.3, logit_softcap=softcap, implementation=impl,
+                                          block_size=block, causal_rows=True)
     live = segments != 0  # padding queries' outputs are ignored downstream
     want = _np_attention(q, k, v, visible, 0.3, softcap)
     np.testing.assert_allclose(np.asarray(got)[live], want[live], rtol=1e-5, atol=1e-5)
 
 
-def test_blocked_gradients_equal_jax_attention():
+@pytest.mark.parametrize("impl,block,softcap", [("blocked", 4, None), ("flash", 4, None), ("flash", 5, 1.5),
+                                                ("flash", 64, None)])
+def test_tiled_gradients_equal_plain_attention(impl, block, softcap):
     positions, segments = _rows()
     q, k, v = _qkv(seed=1)
     mask = attention.index_causal(attention.attention_mask(
@@ -82,13 +86,18 @@ def test_blocked_gradients_equal_jax_attention():
     live = jnp.asarray(segments != 0)[..., None, None]
     weights = jax.random.normal(jax.random.key(5), q.shape)
 
-    def loss(impl, q, k, v):
-        out = attention.dot_product_attention(q, k, v, mask, scale=0.35, logit_softcap=None, implementation=impl,
-                                              block_size=4, causal_rows=True)
-        return jnp.sum(jnp.where(live, out * weights, 0.0))
+    def loss(attend, q, k, v):
+        return jnp.sum(jnp.where(live, attend(q, k, v) * weights, 0.0))
 
-    got = jax.grad(lambda *a: loss("blocked", *a), argnums=(0, 1, 2))(q, k, v)
-    want = jax.grad(lambda *a: loss("xla", *a), argnums=(0, 1, 2))(q, k, v)
+    tiled = lambda q, k, v: attention.dot_product_attention(  # noqa: E731
+        q, k, v, mask, scale=0.35, logit_softcap=softcap, implementation=impl, block_size=block, causal_rows=True)
+    plain = lambda q, k, v: attention.einsum_attention(q, k, v, mask, scale=0.35, logit_softcap=softcap)  # noqa: E731
+    got = jax.jit(jax.grad(lambda *a: loss(tiled, *a), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.jit(jax.grad(lambda *a: loss(plain, *a), argnums=(0, 1, 2)))(q, k, v)
+    if softcap is None:  # and jax's own attention agrees with the einsum reference
+        xla = lambda q, k, v: attention.dot_product_attention(  # noqa: E731
+            q, k, v, mask, scale=0.35, logit_softcap=None, implementation="xla")
+        np.testing.assert_allclose(jax.grad(lambda *a: loss(xla, *a))(q, k, v), want[0], rtol=1e-4, atol=1e-5)
     for g, w, name in zip(got, want, "qkv"):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=name)
 
@@ -103,16 +112,20 @@ def test_index_causal_drops_later_keys_even_when_positions_allow_them():
     assert bool(attention.index_causal(by_position)[0, 3, 3])
 
 
-def test_cpu_default_is_blocked_and_explicit_choices_are_kept():
+def test_cpu_default_is_blocked_then_flash_and_explicit_choices_are_kept():
     assert jax.default_backend() == "cpu"
     assert attention.resolve_implementation(None) == "blocked"
-    assert attention.resolve_implementation("xla") == "xla"
+    assert attention.resolve_implementation(None, 512) == "blocked"
+    assert attention.resolve_implementation(None, 1024) == "flash"
+    assert attention.resolve_implementation("xla", 4096) == "xla"
 
 
-@pytest.mark.parametrize("name,block", [("llama2-tiny", 4), ("mistral-tiny", 8), ("gemma2-tiny", 8)])
-def test_model_with_blocked_attention_equals_xla_values_and_gradients(name, block):
+@pytest.mark.parametrize("name,impl,block", [("llama2-tiny", "blocked", 4), ("mistral-tiny", "blocked", 8),
+                                            ("gemma2-tiny", "blocked", 8), ("llama2-tiny", "flash", 8),
+                                            ("gemma2-tiny", "flash", 16)])
+def test_model_with_tiled_attention_equals_xla_values_and_gradients(name, impl, block):
     """Packed and padded rows through the whole model (windows: mistral; soft-caps: gemma2)."""
-    cfg = models.get_preset(name, attention_block_size=block)
+    cfg = models.get_preset(name, attention_impl=impl, attention_block_size=block)
     graphdef, params = models.init_params(cfg, seed=0)
     # soft-capped attention never goes to jax's kernels: there the reference is one single block
     xla_graphdef = models.abstract(cfg.replace(attention_impl="xla", attention_block_size=10**6))[0]
@@ -127,8 +140,8 @@ def test_model_with_blocked_attention_equals_xla_values_and_gradients(name, bloc
         hidden = models.apply(gd, p, tokens, positions_BxT=positions, segments_BxT=segments)[0]
         return jnp.sum(jnp.where(live[..., None], hidden * weights, 0.0)), hidden
 
-    (_, got), g_got = jax.value_and_grad(lambda p: loss(graphdef, p), has_aux=True)(params)
-    (_, want), g_want = jax.value_and_grad(lambda p: loss(xla_graphdef, p), has_aux=True)(params)
+    (_, got), g_got = jax.jit(jax.value_and_grad(lambda p: loss(graphdef, p), has_aux=True))(params)
+    (_, want), g_want = jax.jit(jax.value_and_grad(lambda p: loss(xla_graphdef, p), has_aux=True))(params)
     np.testing.assert_allclose(np.asarray(got)[np.asarray(live)], np.asarray(want)[np.asarray(live)],
                                rtol=1e-4, atol=1e-5)
     for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
