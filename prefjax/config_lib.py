@@ -65,6 +65,7 @@ def trainer_config() -> ConfigDict:
         batch_size=8,  # global examples per step (all processes together)
         max_len=64,
         pack=False,
+        share_prefix=False,  # one row per example: prompt once, then every response (prefjax.data.prefix_sharing)
         buckets=64,
         max_prompt_len=ml_collections.FieldReference(None, field_type=int),
         max_response_len=ml_collections.FieldReference(None, field_type=int),
@@ -136,8 +137,8 @@ def _check_reference(config: ConfigDict) -> None:
         if "chosen_token_kl" in spec.requires or "kl_logps" in spec.requires:
             _fail(f"loss {config.loss_name!r} needs reference log-probs per token or on mismatched pairs, "
                   "which a precomputed reference does not store; use reference.kind='frozen'")
-        if config.data.pack:
-            _fail("reference.kind='precomputed' needs unpacked batches (data.pack=False)")
+        if _mixing_layout(config):
+            _fail(f"reference.kind='precomputed' needs unpacked batches ({_mixing_layout(config)}=False)")
         if ref.refresh != "none":
             _fail("a precomputed reference cannot be updated during training (reference.refresh='none')")
     if ref.refresh != "none":
@@ -153,6 +154,13 @@ def _check_reference(config: ConfigDict) -> None:
         _fail(f"reference.dtype={ref.dtype!r}; choose '', 'float32', 'bfloat16' or 'float16'")
 
 
+def _mixing_layout(config: ConfigDict) -> str:
+    """The data key whose rows are not one response each ("" when rows are unpacked)."""
+    if config.data.pack:
+        return "data.pack"
+    return "data.share_prefix" if config.data.share_prefix else ""
+
+
 def _check_model(config: ConfigDict) -> None:
     m = config.model
     if not m.hf_folder and m.preset not in PRESETS:
@@ -161,13 +169,19 @@ def _check_model(config: ConfigDict) -> None:
     if spec.inputs in (types.RewardPair, types.RatedResponses) and config.lora.enabled:
         _fail("reward-model losses train a reward head on the full model; set lora.enabled=False")
     token_level = "chosen_token_kl" in spec.requires or "chosen_mask" in spec.requires
-    if token_level and config.data.pack:
-        _fail(f"loss {config.loss_name!r} works on per-token arrays, which packed rows do not give; "
-              "set data.pack=False")
-    if spec.inputs in (types.RewardPair, types.RatedResponses) and config.data.pack:
-        _fail("reward-model losses read each response's last token: set data.pack=False")
-    if "kl_logps" in spec.requires and config.data.pack:
-        _fail(f"loss {config.loss_name!r} builds mismatched pairs from unpacked rows: set data.pack=False")
+    layout = _mixing_layout(config)
+    if config.data.pack and config.data.share_prefix:
+        _fail("data.pack and data.share_prefix cannot both be set: shared-prefix rows hold one example each")
+    if config.data.share_prefix and data_kind(config.loss_name) == "unpaired":
+        _fail(f"data.share_prefix needs examples with several responses; loss {config.loss_name!r} reads "
+              "single responses")
+    if token_level and layout:
+        _fail(f"loss {config.loss_name!r} works on per-token arrays, which packed or shared-prefix rows do not "
+              f"give; set {layout}=False")
+    if spec.inputs in (types.RewardPair, types.RatedResponses) and layout:
+        _fail(f"reward-model losses read each response's last token: set {layout}=False")
+    if "kl_logps" in spec.requires and layout:
+        _fail(f"loss {config.loss_name!r} builds mismatched pairs from unpacked rows: set {layout}=False")
 
 
 def _check_mesh_and_batch(config: ConfigDict, num_devices: int) -> None:
@@ -194,8 +208,9 @@ def _check_mesh_and_batch(config: ConfigDict, num_devices: int) -> None:
     if micro % data_parallel:
         _fail(f"the micro-batch ({batch} examples / grad_accum {config.grad_accum} = {micro}) must be a multiple "
               f"of the data-parallel size data*fsdp = {data_parallel} (mesh {resolved})")
-    if config.grad_accum > 1 and config.data.pack:
-        _fail("grad_accum > 1 needs unpacked batches (data.pack=False): packed rows mix examples")
+    if config.grad_accum > 1 and _mixing_layout(config):
+        _fail(f"grad_accum > 1 needs unpacked batches ({_mixing_layout(config)}=False): micro-batches are cut "
+              "from the unpacked row order")
 
 
 def data_kind(loss_name: str) -> str:

@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 
 from prefjax import synthetic_batches
 from prefjax.data import pipeline as pipeline_lib
+from prefjax.data import prefix_sharing
 from prefjax.models.tokenizer import Tokenizer
 
 
@@ -35,6 +36,7 @@ class SyntheticStream:
         self.position = 0
         self.pad_id = 0
         self.packed = False
+        self.shared_prefix = False
         self.grain_iterator = None
 
     def __iter__(self) -> "SyntheticStream":
@@ -67,6 +69,7 @@ class PipelineStream:
         self.num_responses = pipeline.num_responses
         self.pad_id = pipeline.pad_id
         self.packed = pipeline.config.layout.pack
+        self.shared_prefix = False
 
     def __iter__(self) -> "PipelineStream":
         return self
@@ -82,6 +85,38 @@ class PipelineStream:
 
     def close(self) -> None:
         close = getattr(self.grain_iterator, "close", None)
+        if close is not None:
+            close()
+
+
+class SharedPrefixStream:
+    """Another stream's unpacked batches as prefix-shared rows (prefjax.data.prefix_sharing).
+
+    For assembly across processes the rows behave like packed ones (one row per
+    example, example ids offset per process), hence `packed`.
+    """
+
+    def __init__(self, inner: Any, multiple: int = 64):
+        self.inner, self.multiple = inner, multiple
+        self.num_responses, self.pad_id = inner.num_responses, inner.pad_id
+        self.grain_iterator = inner.grain_iterator
+        self.packed = True
+        self.shared_prefix = True
+
+    def __iter__(self) -> "SharedPrefixStream":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return prefix_sharing.share_prefixes(next(self.inner), self.num_responses, self.multiple, self.pad_id)
+
+    def state(self) -> dict[str, Any]:
+        return self.inner.state()
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.inner.restore(state)
+
+    def close(self) -> None:
+        close = getattr(self.inner, "close", None)
         if close is not None:
             close()
 
@@ -127,7 +162,19 @@ def data_config(data: ml_collections.ConfigDict, *, per_process_batch: int, seed
 
 def make_stream(config: ml_collections.ConfigDict, source_spec: str, *, kind: str, vocab_size: int,
                 tokenizer: Optional[Tokenizer], train: bool) -> Any:
-    """A SyntheticStream or PipelineStream for `source_spec` (train or eval data)."""
+    """A SyntheticStream or PipelineStream for `source_spec` (train or eval data), prefix-shared when
+    data.share_prefix is set."""
+    stream = _unpacked_or_packed_stream(config, source_spec, kind=kind, vocab_size=vocab_size,
+                                        tokenizer=tokenizer, train=train)
+    if config.data.share_prefix:
+        # Rows rounded to multiples of the bucket step (64 by default): few distinct shapes to compile.
+        multiple = config.data.buckets if isinstance(config.data.buckets, int) else 64
+        return SharedPrefixStream(stream, multiple=multiple)
+    return stream
+
+
+def _unpacked_or_packed_stream(config: ml_collections.ConfigDict, source_spec: str, *, kind: str,
+                               vocab_size: int, tokenizer: Optional[Tokenizer], train: bool) -> Any:
     data = config.data
     per_process = data.batch_size // jax.process_count()
     if source_spec == "synthetic":

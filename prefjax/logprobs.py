@@ -76,6 +76,8 @@ Array = jax.Array
 DEFAULT_CHUNK_SIZE = 128
 
 _F32 = jnp.float32
+# Smallest sequence tile the compacted path cuts a row into (smaller tiles make small matmuls).
+_MIN_COMPACT_TILE = 32
 
 
 class TokenLogpsAndKL(NamedTuple):
@@ -384,9 +386,13 @@ def _fused_compacted(plan: _Plan, h: Array, w: Array, h_ref: Optional[Array], w_
     prompt = response = 128). Once each row's scored positions come first, every
     sequence tile past the longest row's count is all masked and the tile loops stop
     before it. The permutation is per row, so batch sharding is untouched; it is
-    skipped when one tile covers the row anyway.
+    skipped when the row is too short for more than one tile.
     """
-    if _num_tiles(labels.shape[1], plan.seq_chunk) == 1:
+    # Tiles of at most a quarter row (not below _MIN_COMPACT_TILE positions), so that a row
+    # that fits one default tile still has tiles left to skip.
+    length = labels.shape[1]
+    plan = dataclasses.replace(plan, seq_chunk=min(plan.seq_chunk, max(_MIN_COMPACT_TILE, -(-length // 4))))
+    if _num_tiles(length, plan.seq_chunk) == 1:
         return _fused(plan, h, w, h_ref, w_ref, labels, mask)
     order, inverse, packed_mask = _scored_first(mask)
     gather = lambda x: None if x is None else jnp.take_along_axis(  # noqa: E731

@@ -33,6 +33,37 @@ def shifted(batch: dict[str, Array]) -> tuple[Array, Array, Array, Array]:
     return labels, mask, shift(batch["example_id"]), shift(batch["response_id"])
 
 
+def shared_prefix_targets(batch: dict[str, Array], num_responses: int) -> tuple[Array, ...]:
+    """(source, labels, mask, example_id, response_id), each [R, T], for prefix-shared rows.
+
+    Token t is predicted by the hidden state of the token before it on its own
+    branch (prefjax.data.prefix_sharing): the previous token of the same
+    response, or the last prefix token for a response's first token. `source`
+    holds that index (-1: none; such tokens are masked out); labels, mask and
+    ids are the token's own, unshifted.
+    """
+    branches, tokens = batch["branches"], batch["tokens"]
+    live = batch["segments"] > 0
+    index = jnp.arange(tokens.shape[1])[None, :]
+
+    def last_before(where: Array) -> Array:
+        latest = jax.lax.cummax(jnp.where(where, index, -1), axis=1)
+        return jnp.concatenate([jnp.full_like(latest[:, :1], -1), latest[:, :-1]], axis=1)
+
+    prefix = last_before(live & (branches == 0))
+    source = prefix
+    for k in range(1, num_responses + 1):
+        own = jnp.maximum(prefix, last_before(live & (branches == k)))
+        source = jnp.where(branches == k, own, source)
+    mask = (batch["loss_mask"] > 0) & (source >= 0) & live
+    return source, tokens, mask, batch["example_id"], batch["response_id"]
+
+
+def at_sources(hidden_RxTxD: Array, source_RxT: Array) -> Array:
+    """hidden[r, source[r, t]] per (row, target token); a gather whose gradient is a scatter-add."""
+    return jnp.take_along_axis(hidden_RxTxD, jnp.clip(source_RxT, 0)[..., None], axis=1)
+
+
 def reduce_unpacked(values_RxT: Array, mask_RxT: Array, num_responses: int) -> tuple[Array, Array]:
     """[R, T] per-token values -> ([B, K] masked sums, [B, K] counts) for unpacked rows."""
     r, t = values_RxT.shape

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +42,9 @@ PER_EXAMPLE_KEYS = ("weight", "scores", "margin", "label", "ref_logps")
 class StepSpec:
     """Everything static about the step (a hashable jit argument).
 
+    packed: rows hold several sequences (segment ids); per-response sums by slot.
+    shared_prefix: rows are prefix-shared (prefjax.data.prefix_sharing: one row
+      per example, `branches` in the batch); reduced like packed rows.
     reference: "frozen" (a separate copy of the initial policy), "lora" (the
       base model with adapters disabled), "precomputed" (batch["ref_logps"]
       [B, K] from the reference cache), or "none" (reference-free losses).
@@ -54,6 +57,7 @@ class StepSpec:
     loss_hparams: tuple[tuple[str, Any], ...]
     num_responses: int
     packed: bool = False
+    shared_prefix: bool = False
     grad_accum: int = 1
     reference: str = "frozen"
     ref_update: str = "none"
@@ -107,31 +111,43 @@ def reference_params(spec: StepSpec, state: TrainState, frozen: Any) -> Any:
 
 def _forward(graphdef: nnx.GraphDef, params: Any, rows: Batch) -> tuple[Array, Array]:
     hidden, _ = models.apply(graphdef, params, rows["tokens"], positions_BxT=rows["positions"],
-                             segments_BxT=rows["segments"])
+                             segments_BxT=rows["segments"], branches_BxT=rows.get("branches"))
     return hidden, models.unembedding(graphdef, params)
+
+
+def _targets(spec: StepSpec, mb: Batch) -> tuple[Callable[[Array], Array], Array, Array, Array, Array]:
+    """(hidden -> hidden aligned with the targets, labels, mask, example_id, response_id)."""
+    if spec.shared_prefix:
+        source, labels, mask, example_id, response_id = response_logps.shared_prefix_targets(mb, spec.num_responses)
+        return (lambda h: response_logps.at_sources(h, source)), labels, mask, example_id, response_id
+    labels, mask, example_id, response_id = response_logps.shifted(mb)
+    return (lambda h: h), labels, mask, example_id, response_id
 
 
 def responses(spec: StepSpec, cfg: ModelConfig, graphdef: nnx.GraphDef, params: Any, ref_params: Any,
               mb: Batch, reward_head: Optional[Array] = None) -> loss_inputs.Responses:
     """Policy (and reference) log-probs per response of one micro-batch."""
-    labels, mask, example_id, response_id = response_logps.shifted(mb)
+    align, labels, mask, example_id, response_id = _targets(spec, mb)
     b, k = mb["weight"].shape[0], spec.num_responses
     kw = dict(chunk_size=spec.logprob_chunk, vocab_chunk_size=spec.vocab_chunk,
               logit_softcap=cfg.final_logit_softcap)
     hidden, unembed = _forward(graphdef, params, mb)
+    hidden = align(hidden)
     ref_tok = token_kl = None
     if spec.token_level:
         ref_hidden, ref_unembed = _forward(graphdef, jax.lax.stop_gradient(ref_params), mb)
-        both = logprobs.token_logps_and_kl(hidden, unembed, ref_hidden, ref_unembed, labels, mask, **kw)
+        both = logprobs.token_logps_and_kl(hidden, unembed, align(ref_hidden), ref_unembed, labels, mask, **kw)
         tok, ref_tok, token_kl = both.policy_logps, both.ref_logps, both.kl
     else:
         tok = logprobs.token_logps(hidden, unembed, labels, mask_BxT=mask, **kw)
         if ref_params is not None:
             ref_hidden, ref_unembed = _forward(graphdef, jax.lax.stop_gradient(ref_params), mb)
-            ref_tok = jax.lax.stop_gradient(logprobs.token_logps(ref_hidden, ref_unembed, labels, mask_BxT=mask, **kw))
+            ref_tok = jax.lax.stop_gradient(logprobs.token_logps(align(ref_hidden), ref_unembed, labels,
+                                                                 mask_BxT=mask, **kw))
 
+    by_slot = spec.packed or spec.shared_prefix
     reduce = functools.partial(response_logps.per_response, mask_RxT=mask, example_id=example_id,
-                               response_id=response_id, num_examples=b, num_responses=k, packed=spec.packed)
+                               response_id=response_id, num_examples=b, num_responses=k, packed=by_slot)
     sums, lengths = reduce(tok)
     ref_sums = None
     if ref_tok is not None:
@@ -139,7 +155,7 @@ def responses(spec: StepSpec, cfg: ModelConfig, graphdef: nnx.GraphDef, params: 
     elif spec.reference == "precomputed":
         ref_sums = mb["ref_logps"]
     fields: dict[str, Any] = dict(logps=sums, lengths=lengths, ref_logps=ref_sums)
-    if not spec.packed:
+    if not by_slot:
         t = tok.shape[1]
         fields.update(token_logps=tok.reshape(k, b, t), token_mask=mask.reshape(k, b, t))
         if token_kl is not None:

@@ -65,7 +65,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         columns = _columns(first)
         _check_columns(config, columns)
         setup = train_setup.build(config, mesh, rules, model=model, columns=columns,
-                                  num_responses=stream.num_responses, packed=stream.packed)
+                                  num_responses=stream.num_responses, packed=stream.packed,
+                                  shared_prefix=stream.shared_prefix)
         del model
         ref_cache = None
         if setup.spec.reference == "precomputed":

@@ -77,11 +77,11 @@ def lora_config(config: ml_collections.ConfigDict) -> Optional[lora_lib.LoraConf
 
 
 def step_spec(config: ml_collections.ConfigDict, columns: loss_inputs.Columns, num_responses: int,
-              packed: bool) -> steps.StepSpec:
+              packed: bool, shared_prefix: bool = False) -> steps.StepSpec:
     ref = config.reference
     return steps.StepSpec(
         loss_name=config.loss_name, loss_hparams=config_lib.loss_hparams(config), num_responses=num_responses,
-        packed=packed, grad_accum=config.grad_accum, reference=ref.kind, ref_update=ref.refresh,
+        packed=packed and not shared_prefix, shared_prefix=shared_prefix, grad_accum=config.grad_accum, reference=ref.kind, ref_update=ref.refresh,
         ref_update_every=ref.refresh_every, ref_alpha=ref.alpha, columns=columns,
         logprob_chunk=config.logprob_chunk, vocab_chunk=config.vocab_chunk, lora=lora_config(config))
 
@@ -96,12 +96,13 @@ def _copy(tree: Any, dtype: str) -> Any:
 
 
 def build(config: ml_collections.ConfigDict, mesh: Mesh, rules: Any, *, columns: loss_inputs.Columns,
-          num_responses: int, packed: bool, model: Optional[tuple] = None, create_state: bool = True) -> Setup:
+          num_responses: int, packed: bool, model: Optional[tuple] = None, create_state: bool = True,
+          shared_prefix: bool = False) -> Setup:
     """The run's pieces; `model` is build_model's result when the caller already has it;
     `create_state=False` leaves `state` None (a restore will provide it)."""
     cfg, graphdef, params, tokenizer = build_model(config, mesh, rules) if model is None else model
     _, _, axes = models.abstract(cfg)
-    spec = step_spec(config, columns, num_responses, packed)
+    spec = step_spec(config, columns, num_responses, packed, shared_prefix)
     tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
     replicated = NamedSharding(mesh, PartitionSpec())
     param_shardings = models.param_shardings(cfg, mesh, rules)

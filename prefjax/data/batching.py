@@ -138,6 +138,8 @@ def pad_batch_length(batch: dict[str, np.ndarray], length: int, pad_id: int) -> 
         "example_id": -1,
         "response_id": -1,
     }
+    if "branches" in batch:  # prefix-shared rows (prefjax.data.prefix_sharing)
+        fill["branches"] = 0
     out = dict(batch)
     for key, value in fill.items():
         out[key] = np.pad(batch[key], ((0, 0), (0, length - current)), constant_values=value)

@@ -51,13 +51,21 @@ _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def attention_mask(q_positions_BxT: Array, q_segments_BxT: Array, k_positions_BxS: Array,
-                   k_segments_BxS: Array, window: Optional[int]) -> Array:
-    """[B, T, S] boolean mask of visible keys (see module docstring)."""
+                   k_segments_BxS: Array, window: Optional[int], branches_BxT: Optional[Array] = None) -> Array:
+    """[B, T, S] boolean mask of visible keys (see module docstring).
+
+    With `branches_BxT` (queries and keys are the same row: prefix-shared rows),
+    a key on a response branch is visible only to queries on that branch; keys
+    on branch 0 (the shared prompt) stay visible to all.
+    """
     same = (k_segments_BxS[:, None, :] == q_segments_BxT[:, :, None]) & (k_segments_BxS[:, None, :] != 0)
     delta = q_positions_BxT[:, :, None] - k_positions_BxS[:, None, :]
     visible = same & (delta >= 0)
     if window is not None:
         visible = visible & (delta < window)
+    if branches_BxT is not None:
+        key_branch = branches_BxT[:, None, :]
+        visible = visible & ((key_branch == 0) | (key_branch == branches_BxT[:, :, None]))
     return visible
 
 
@@ -188,7 +196,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BxTxD: Array, positions_BxT: Array, segments_BxT: Array, inv_freq: Array,
                  cache: Optional[dict[str, Array]] = None, cache_index: Optional[Array] = None,
-                 ) -> tuple[Array, Optional[dict[str, Array]]]:
+                 branches_BxT: Optional[Array] = None) -> tuple[Array, Optional[dict[str, Array]]]:
         """Attends over x itself, or over a KV cache that x's keys are written into.
 
         With `cache` ({"k", "v": [B, S, K, H], "positions", "segments": [B, S]}),
@@ -215,11 +223,14 @@ class Attention(nnx.Module):
             }
             k, v = cache["k"].astype(self.dtype), cache["v"].astype(self.dtype)
             k_positions, k_segments = cache["positions"], cache["segments"]
+        if self.implementation == "splash" and branches_BxT is not None:
+            raise ValueError("attention_impl='splash' does not support prefix-shared rows (branches); "
+                             "use 'xla' or the default")
         if self.implementation == "splash" and cache is None:
             out = splash.splash_attention(q, k, v, segments_BxT, scale=self.scale, window=self.window,
                                           logit_softcap=self.logit_softcap)
         else:
-            mask = attention_mask(positions_BxT, segments_BxT, k_positions, k_segments, self.window)
+            mask = attention_mask(positions_BxT, segments_BxT, k_positions, k_segments, self.window, branches_BxT)
             if cache is None:
                 mask = index_causal(mask)
             implementation = None if self.implementation == "splash" else self.implementation

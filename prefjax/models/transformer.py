@@ -46,8 +46,8 @@ class Block(nnx.Module):
 
     def __call__(self, x: Array, positions: Array, segments: Array, inv_freq: Array,
                  cache: Optional[dict[str, Array]] = None, cache_index: Optional[Array] = None,
-                 ) -> tuple[Array, Optional[dict[str, Array]]]:
-        h, cache = self.attn(self.attn_norm(x), positions, segments, inv_freq, cache, cache_index)
+                 branches: Optional[Array] = None) -> tuple[Array, Optional[dict[str, Array]]]:
+        h, cache = self.attn(self.attn_norm(x), positions, segments, inv_freq, cache, cache_index, branches)
         if self.post_norms:
             h = self.post_attn_norm(h)
         x = x + h.astype(x.dtype)
@@ -81,12 +81,18 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens_BxT: Array, *, positions_BxT: Optional[Array] = None,
                  segments_BxT: Optional[Array] = None, cache: Optional[Cache] = None,
-                 cache_index: Optional[Array] = None) -> tuple[Array, Optional[Cache]]:
+                 cache_index: Optional[Array] = None, branches_BxT: Optional[Array] = None,
+                 ) -> tuple[Array, Optional[Cache]]:
         """Hidden states after the final norm, [B, T, D], and the updated cache.
 
         positions default to 0..T-1 and segments to 1 (one unpadded sequence per
         row); pass segments 0 on padding tokens, and distinct ids to pack rows.
+        `branches_BxT` (prefix-shared rows, prefjax.data.prefix_sharing): 0 on a
+        shared prompt, k + 1 on response k; a response token sees the prompt and
+        its own response only. Not with a KV cache.
         """
+        if branches_BxT is not None and cache is not None:
+            raise ValueError("branches_BxT (prefix-shared rows) is for training forwards, not with a KV cache")
         b, t = tokens_BxT.shape
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -98,17 +104,17 @@ class Transformer(nnx.Module):
         for i, block in enumerate(self.layers):
             layer_cache = None if cache is None else cache[i]
             x, layer_cache = self._run_block(block, x, positions_BxT, segments_BxT, inv_freq,
-                                             layer_cache, cache_index)
+                                             layer_cache, cache_index, branches_BxT)
             if new_cache is not None:
                 new_cache.append(layer_cache)
         return self.final_norm(x), new_cache
 
-    def _run_block(self, block, x, positions, segments, inv_freq, cache, cache_index):
+    def _run_block(self, block, x, positions, segments, inv_freq, cache, cache_index, branches):
         if self.cfg.remat == "none" or cache is not None:
-            return block(x, positions, segments, inv_freq, cache, cache_index)
+            return block(x, positions, segments, inv_freq, cache, cache_index, branches)
         policy = _REMAT_POLICIES[self.cfg.remat]
         run = nnx.remat(lambda blk, *args: blk(*args), policy=policy)
-        return run(block, x, positions, segments, inv_freq, None, None)
+        return run(block, x, positions, segments, inv_freq, None, None, branches)
 
     def unembedding(self) -> Array:
         """[D, V] matrix mapping final hidden states to logits (tied: embedding transposed)."""

@@ -64,4 +64,4 @@ def test_splash_rejects_lengths_that_do_not_tile():
 
 def test_unknown_attention_impl_is_refused():
     with pytest.raises(ValueError, match="attention_impl"):
-        models.get_preset("llama2-tiny", attention_impl="flash")
+        models.get_preset("llama2-tiny", attention_impl="ring")

@@ -1,0 +1,96 @@
+"""Prefix-shared rows: each example's prompt once, followed by all of its responses.
+
+In the unpacked layout (prefjax.data.batching) a pair costs two rows that both
+start with the same prompt, so the policy and the reference each run the prompt
+twice. Here the K rows of an example become one row
+
+    [ shared prefix | response 0 | response 1 | ... | padding ]
+
+with `branches` 0 on the prefix and k + 1 on response k. The model's attention
+mask (prefjax.models.attention) lets a response token see the prefix and its
+own response only, and the positions of a response continue from the prefix
+as in its own row, so every response token gets exactly the hidden state it
+had in the unpacked layout. The step reads each response token's prediction
+from the token before it on its own branch (the last prefix token for a
+branch's first token; prefjax.response_logps.shared_prefix_targets).
+
+The shared prefix of an example is the longest common prefix of its K rows,
+cut before the first scored token of any of them (a scored token is never
+shared). At prompt = response length a pair's tokens drop from 2(P + R) to
+P + 2R: a quarter fewer at P = R.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from prefjax.data.batching import ROW_KEYS
+
+BRANCH_KEY = "branches"
+
+
+def _live_length(segments_row: np.ndarray) -> int:
+    live = np.flatnonzero(segments_row > 0)
+    return 0 if live.size == 0 else int(live[-1]) + 1
+
+
+def _shared_length(rows: list[np.ndarray], masks: list[np.ndarray], lengths: list[int]) -> int:
+    """Longest common prefix of the rows' live tokens, before any row's first scored token."""
+    limit = min(lengths)
+    for mask, length in zip(masks, lengths):
+        scored = np.flatnonzero(mask[:length] > 0)
+        if scored.size:
+            limit = min(limit, int(scored[0]))
+    if limit == 0:
+        return 0
+    same = np.all(np.stack([r[:limit] for r in rows]) == rows[0][:limit], axis=0)
+    differ = np.flatnonzero(~same)
+    return limit if differ.size == 0 else int(differ[0])
+
+
+def share_prefixes(batch: dict[str, np.ndarray], num_responses: int, multiple: int = 64,
+                   pad_id: int = 0) -> dict[str, np.ndarray]:
+    """Unpacked rows [K * B, T] (row k * B + b = response k of example b) -> prefix-shared rows [B, L].
+
+    L is the longest shared row rounded up to `multiple`. Per-example arrays
+    (weight, scores, ...) are kept; rows get `branches` besides the usual row keys
+    (example_id = b on live tokens, response_id = k on response k, -1 on the prefix).
+    """
+    if multiple < 1:
+        raise ValueError(f"share_prefixes: multiple must be >= 1, got {multiple}")
+    tokens = np.asarray(batch["tokens"])
+    b = np.asarray(batch["weight"]).shape[0]
+    if tokens.shape[0] != num_responses * b:
+        raise ValueError(f"share_prefixes: expected {num_responses} x {b} unpacked rows, got {tokens.shape[0]} "
+                         "(packed batches cannot be prefix-shared)")
+    pieces = []
+    for example in range(b):
+        row_ids = [k * b + example for k in range(num_responses)]
+        lengths = [_live_length(batch["segments"][r]) for r in row_ids]
+        shared = _shared_length([tokens[r] for r in row_ids], [batch["loss_mask"][r] for r in row_ids], lengths)
+        parts = {key: [batch[key][row_ids[0], :shared]] for key in ("tokens", "positions", "loss_mask")}
+        parts[BRANCH_KEY] = [np.zeros(shared, np.int32)]
+        parts["response_id"] = [np.full(shared, -1, np.int32)]
+        for k, r in enumerate(row_ids):
+            span = slice(shared, lengths[k])
+            for key in ("tokens", "positions", "loss_mask"):
+                parts[key].append(batch[key][r, span])
+            parts[BRANCH_KEY].append(np.full(lengths[k] - shared, k + 1, np.int32))
+            parts["response_id"].append(np.full(lengths[k] - shared, k, np.int32))
+        pieces.append({key: np.concatenate(value) for key, value in parts.items()})
+    longest = max((len(p["tokens"]) for p in pieces), default=0)
+    length = max(multiple, -(-longest // multiple) * multiple)
+    out = {key: value for key, value in batch.items() if key not in ROW_KEYS}
+    out.update(
+        tokens=np.full((b, length), pad_id, np.int32), positions=np.zeros((b, length), np.int32),
+        segments=np.zeros((b, length), np.int32), loss_mask=np.zeros((b, length), np.float32),
+        example_id=np.full((b, length), -1, np.int32), response_id=np.full((b, length), -1, np.int32),
+    )
+    out[BRANCH_KEY] = np.zeros((b, length), np.int32)
+    for example, piece in enumerate(pieces):
+        n = len(piece["tokens"])
+        for key in ("tokens", "positions", "loss_mask", "response_id", BRANCH_KEY):
+            out[key][example, :n] = piece[key]
+        out["segments"][example, :n] = 1
+        out["example_id"][example, :n] = example
+    return out
