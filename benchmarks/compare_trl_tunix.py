@@ -37,7 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from compare import table, venvs, workload  # noqa: E402
 
-FRAMEWORKS = ("prefjax", "trl", "tunix")
+# "prefjax-shared": prefjax's step on prefix-shared rows (each pair's prompt once, then both
+# responses: prefjax.data.prefix_sharing), the same loss and gradients with fewer tokens.
+FRAMEWORKS = ("prefjax", "prefjax-shared", "trl", "tunix")
+RUNNER_ARGS = {"prefjax-shared": ("run_prefjax.py", "--share-prefix")}
 RUNNERS = Path(__file__).resolve().parent / "compare"
 
 
@@ -94,7 +97,8 @@ def run_framework(framework: str, python: str, job_file: Path, timeout: float, o
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     launched = time.time()
     try:
-        proc = subprocess.run([python, str(RUNNERS / f"run_{framework}.py"), str(job_file), str(result_file)],
+        script, *extra = RUNNER_ARGS.get(framework, (f"run_{framework}.py",))
+        proc = subprocess.run([python, str(RUNNERS / script), str(job_file), str(result_file), *extra],
                               capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
@@ -123,11 +127,15 @@ def cpu_peak_flops() -> tuple[float, str]:
 
 
 def annotate(row: dict, peak: float) -> dict:
-    """Adds the cell's model FLOPs per step and required memory (the same for every framework)."""
+    """Adds the cell's model FLOPs per step and required memory (the same for every framework but
+    prefjax-shared, which computes each prompt once)."""
     from prefjax import memory_budget, metrics
 
     cfg = workload.model_config(row["size"], row["seq"])
     tokens = 2 * row["pairs"] * row["seq"]
+    if row["framework"] == "prefjax-shared":  # the FLOPs and activations it actually has: P + 2R per pair
+        prompt = row["seq"] // 2
+        tokens = row["pairs"] * (prompt + 2 * (row["seq"] - prompt))
     row["model_flops"] = metrics.preference_step_flops(cfg, tokens, row["seq"], reference_forward=True)
     need = memory_budget.preference_step_memory(cfg, tokens)
     row["required_bytes"], row["required_text"] = need.total, need.describe()

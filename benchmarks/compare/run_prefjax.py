@@ -1,12 +1,15 @@
 """prefjax's side of the comparison: the trainer's jitted step (prefjax.steps.train_step), as
 benchmarks/train_step.py runs it, on the shared HF folder and pairs.
 
-Run by compare_trl_tunix.py as `python run_prefjax.py JOB.json RESULT.json`.
+Run by compare_trl_tunix.py as `python run_prefjax.py JOB.json RESULT.json [--share-prefix]`;
+with --share-prefix the pairs go in prefix-shared rows (prefjax.data.prefix_sharing: the
+prompt once, then both responses), the trainer's `data.share_prefix=True`.
 """
 
 from __future__ import annotations
 
 import functools
+import sys
 import time
 from typing import Any
 
@@ -45,13 +48,19 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     ckpt = hf_checkpoint.load(job["model_dir"], with_tokenizer=False)
     lr = job["lr"]
     tx = optax.adamw(lr, weight_decay=0.0)  # TRL's and Tunix's runs also use no decay
+    from prefjax.data import prefix_sharing
+
+    shared = "--share-prefix" in sys.argv[3:]
     spec = steps.StepSpec(loss_name="dpo", loss_hparams=(("beta", job["beta"]),), num_responses=2,
-                          reference="frozen", columns=loss_inputs.Columns())
+                          reference="frozen", columns=loss_inputs.Columns(), shared_prefix=shared)
     trainable = {"model": ckpt.params}
     state = TrainState(step=jnp.zeros((), jnp.int32), params=trainable, opt_state=tx.init(trainable),
                        loss_state={}, nonfinite_steps=jnp.zeros((), jnp.int32))
     frozen = jax.tree.map(jnp.copy, ckpt.params)
-    batch = {k: jnp.asarray(v) for k, v in _batch(job).items()}
+    rows = _batch(job)
+    if shared:
+        rows = prefix_sharing.share_prefixes(rows, 2, multiple=64)
+    batch = {k: jnp.asarray(v) for k, v in rows.items()}
     fn = jax.jit(functools.partial(steps.train_step, spec, ckpt.cfg, ckpt.graphdef, tx, lambda s: lr),
                  donate_argnums=(0,))
     start = time.perf_counter()

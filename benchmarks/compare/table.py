@@ -40,7 +40,7 @@ def speed_table(rows: list[Row]) -> str:
         d, ref = derived(r), base.get((r["size"], r["seq"]))
         cells = []
         for c in cols:
-            ratio = "" if ref is None or r["framework"] == "prefjax" or not ref[c] else f" ({d[c] / ref[c]:.2f}x)"
+            ratio = "" if ref is None or r["framework"] == "prefjax" or not ref.get(c) else f" ({d[c] / ref[c]:.2f}x)"
             cells.append(_fmt(d[c]) + ratio)
         lines.append(head + " " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -30,7 +30,7 @@ def requirements(framework: str) -> list[str]:
 
 def python_for(framework: str, root: Path, install: bool) -> tuple[Optional[str], str]:
     """(python executable, "") when the venv is usable, else (None, reason)."""
-    if framework == "prefjax":
+    if framework.startswith("prefjax"):
         return sys.executable, ""
     venv = root / framework
     reqs = requirements(framework)

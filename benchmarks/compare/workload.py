@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-# (hidden, intermediate, layers, heads, kv heads, head dim, vocab) -- performance.md's sizes.
+# (hidden, intermediate, layers, heads, kv heads, head dim, vocab): performance.md's sizes, plus large.
 SIZES: dict[str, dict[str, int]] = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                  head_dim=16, vocab_size=1024),
@@ -23,6 +23,9 @@ SIZES: dict[str, dict[str, int]] = {
                   head_dim=32, vocab_size=4096),
     "medium": dict(hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8, num_kv_heads=4,
                    head_dim=64, vocab_size=8192),
+    # 125M parameters (GPT-2-small scale, Llama layout): the largest size measured on the 2-core CPU.
+    "large": dict(hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12, num_kv_heads=4,
+                  head_dim=64, vocab_size=32000),
 }
 
 
