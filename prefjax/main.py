@@ -5,7 +5,7 @@ e.g. configs/tiny_dpo.py); rerunning the same command in the same workdir resume
 Multi-host runs initialise jax.distributed from config.distributed (coordinator
 address, process count and id) or, on TPU pods and SLURM, from the environment.
 The quick-start config (job="quickstart") runs the synthetic LM pipeline
-(`prefjax.quickstart.pipeline`); configs without a job run the older bandit demo.
+(`prefjax.quickstart.pipeline`); any other job is an error naming these two.
 Override any config key on the command line, e.g.
 
     python -m prefjax.main --config=configs/quickstart.py --workdir=/tmp/q \\
@@ -31,7 +31,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from prefjax import bandit_train
+JOBS = ("train", "quickstart")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/quickstart.py (or configs/quickstart.py:LOSS_NAME).",
@@ -128,7 +128,12 @@ def main(argv: Sequence[str]) -> None:
     # On a CPU-only machine jax logs its failed TPU probe at INFO, which absl would print.
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     config = _CONFIG.value
-    if config.get("job", "bandit") == "train":
+    job = config.get("job", None)
+    if job not in JOBS:
+        source = config_flags.get_config_filename(flags.FLAGS["config"])
+        sys.exit(f"error: {source}: field job={job!r}; set config.job to one of {list(JOBS)} "
+                 "(prefjax.config_lib.trainer_config() starts a training config)")
+    if job == "train":
         if not flags.FLAGS["verbosity"].present:
             # orbax logs every file it renames at INFO; the trainer's own progress line suffices.
             absl_logging.set_verbosity(absl_logging.WARNING)
@@ -139,16 +144,10 @@ def main(argv: Sequence[str]) -> None:
         except (config_lib.ConfigError, train.NonFiniteLossError) as e:
             sys.exit(f"error: {e}")
         return
-    if config.get("job", "bandit") == "quickstart":
-        from prefjax.quickstart import pipeline  # pylint: disable=import-outside-toplevel
-        try:
-            pipeline.run(config, _WORKDIR.value)
-        except (ValueError, KeyError) as e:
-            sys.exit(f"error: {e}")
-        return
+    from prefjax.quickstart import pipeline  # pylint: disable=import-outside-toplevel
     try:
-        bandit_train.run(config, _WORKDIR.value)
-    except bandit_train.ConfigError as e:
+        pipeline.run(config, _WORKDIR.value)
+    except (ValueError, KeyError) as e:
         sys.exit(f"error: {e}")
 
 

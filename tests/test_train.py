@@ -229,3 +229,14 @@ def test_resume_onto_a_different_mesh(tmp_path):
     got = _losses(tmp_path)
     assert sorted(got) == list(range(1, 7))
     np.testing.assert_allclose([got[s] for s in range(4, 7)], [want[s] for s in range(4, 7)], rtol=2e-5)
+
+
+def test_main_refuses_a_config_without_a_known_job(tmp_path):
+    config_file = tmp_path / "no_job.py"
+    config_file.write_text("import ml_collections\n\n\ndef get_config():\n"
+                           "    return ml_collections.ConfigDict(dict(loss_name='dpo'))\n")
+    result = subprocess.run([sys.executable, "-m", "prefjax.main", f"--config={config_file}",
+                             f"--workdir={tmp_path / 'run'}"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode != 0
+    assert str(config_file) in result.stderr and "job=None" in result.stderr and "'train'" in result.stderr
+    assert not (tmp_path / "run").exists()
