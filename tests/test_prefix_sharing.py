@@ -148,6 +148,40 @@ def test_trainer_with_share_prefix_reproduces_the_unpacked_run(tmp_path):
     np.testing.assert_allclose(shared, unpacked, rtol=1e-4)
 
 
+def test_chat_template_pipeline_with_share_prefix_reproduces_the_unpacked_run(tmp_path):
+    """Real chat-formatted pairs through the data pipeline (qwen2 fixture template and tokenizer)."""
+    from pathlib import Path
+
+    from prefjax import config_lib, data_streams, train
+    from prefjax.metrics import read_metrics
+
+    root = Path(__file__).parent
+    source, folder = str(root / "fixtures/data/pairs_chat.jsonl"), str(root / "fixtures/hf/qwen2")
+
+    def config(share):
+        c = config_lib.trainer_config()
+        c.model.hf_folder = folder
+        c.total_steps, c.checkpoint.every, c.checkpoint.export_hf = 3, 3, False
+        c.optimizer.warmup_steps = 0
+        c.data.source, c.data.max_len, c.data.batch_size, c.data.share_prefix = source, 128, 8, share
+        return c
+
+    from prefjax.models.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(folder)
+    stream = data_streams.make_stream(config(True), source, kind="pair", vocab_size=10**6, tokenizer=tokenizer,
+                                      train=True)
+    batch = next(stream)
+    assert batch["tokens"].shape[0] == 8 and set(np.unique(batch["branches"])) <= {0, 1, 2}
+    assert (batch["branches"] == 1).any() and (batch["branches"] == 2).any()
+    losses = {}
+    for share in (True, False):
+        train.run(config(share), str(tmp_path / str(share)))
+        losses[share] = [m["loss"] for m in read_metrics(str(tmp_path / str(share) / "metrics.jsonl")) if "loss" in m]
+    assert len(losses[True]) == 3 and losses[True][-1] < losses[True][0]
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
+
+
 @pytest.mark.parametrize("changes,match", [
     (dict(pack=True, share_prefix=True), "cannot both be set"),
     (dict(share_prefix=True, loss_name="kto"), "several responses"),
