@@ -21,11 +21,12 @@ running the quick start first and passing its workdir:
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import ml_collections
+
+from prefjax.quickstart import grid
 
 # beta values per loss, from close to the reference (large beta) to far from it.
 GRID = {
@@ -39,11 +40,7 @@ GRID = {
 
 def _quickstart() -> Any:
     """configs/quickstart.py, loaded by path (configs/ is not a package)."""
-    path = Path(__file__).with_name("quickstart.py")
-    spec = importlib.util.spec_from_file_location("_quickstart_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return grid.load_module(Path(__file__).with_name("quickstart.py"))
 
 
 def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:

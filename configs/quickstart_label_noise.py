@@ -15,11 +15,12 @@ to the flips than DPO or cDPO. Clean DPO (eps = 0) is the reference row.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import ml_collections
+
+from prefjax.quickstart import grid
 
 NOISE = (0.2, 0.4)
 # method -> (loss_name, whether label_smoothing is set to the flip rate)
@@ -27,11 +28,8 @@ METHODS = {"DPO": ("dpo", False), "cDPO": ("dpo", True), "robust DPO": ("robust_
 
 
 def _quickstart() -> Any:
-    path = Path(__file__).with_name("quickstart.py")
-    spec = importlib.util.spec_from_file_location("_quickstart_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """configs/quickstart.py, loaded by path (configs/ is not a package)."""
+    return grid.load_module(Path(__file__).with_name("quickstart.py"))
 
 
 def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:

@@ -395,3 +395,9 @@ def test_grid_rejects_unknown_keys():
     config = _config_module("quickstart").get_config()
     with pytest.raises(KeyError, match="no key 'loss.gamma'"):
         grid.configure(config, {"loss.gamma": 1.0})
+
+
+def test_experiment_seeds_flag_parses_and_names_itself_when_wrong():
+    assert grid.parse_seeds("0, 1,2") == [0, 1, 2]
+    with pytest.raises(SystemExit, match="--seeds='a,1'"):
+        grid.parse_seeds("a,1")

@@ -11,7 +11,6 @@ With several seeds the points are seed means.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 from pathlib import Path
@@ -80,23 +79,8 @@ def write_outputs(results: Sequence[dict[str, Any]], workdir: str | Path, *,
     return {"plot": png, "json": workdir / "frontier.json", "table": md}
 
 
-def parse_seeds(text: str) -> list[int]:
-    try:
-        return [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise SystemExit(f"--seeds={text!r}: expected comma-separated integers, e.g. 0,1,2") from None
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG),
-                        help="a config file with get_config and sweep(add)")
-    parser.add_argument("--small", action="store_true", help="the shrunken quick start (get_config('small'))")
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
-    args = parser.parse_args(argv)
-    results = grid.run_grid(args.config, args.workdir, arg="small" if args.small else None,
-                            seeds=parse_seeds(args.seeds))
+    args, results = grid.cli(__doc__.splitlines()[0], DEFAULT_CONFIG, argv)
     module = grid.load_module(args.config)
     task = pipeline.make_task(module.get_config("small" if args.small else None))
     files = write_outputs(results, args.workdir, reward_range=task.reward_range)

@@ -14,6 +14,7 @@ summary.json is finished is read back instead of rerun, so an interrupted grid r
 
 from __future__ import annotations
 
+import argparse
 import copy
 import importlib.util
 import json
@@ -116,3 +117,27 @@ def _finished(run_dir: Path, total_steps: int) -> Optional[dict[str, Any]]:
     summary = json.loads(path.read_text())
     finished = not summary.get("preempted") and summary.get("step") == total_steps and "tuned" in summary
     return summary if finished else None
+
+
+def parse_seeds(text: str) -> list[int]:
+    """--seeds "0,1,2" -> [0, 1, 2]; anything else exits with a message naming the flag."""
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise SystemExit(f"--seeds={text!r}: expected comma-separated integers, e.g. 0,1,2") from None
+
+
+def cli(description: str, default_config: str | Path,
+        argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace, list[dict[str, Any]]]:
+    """The experiment scripts' shared command line (--workdir, --config, --small, --seeds):
+    parses it and runs the config's grid; (the parsed flags, the run summaries)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--config", default=str(default_config),
+                        help="a config file with get_config and sweep(add)")
+    parser.add_argument("--small", action="store_true", help="the shrunken quick start (get_config('small'))")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
+    args = parser.parse_args(argv)
+    results = run_grid(args.config, args.workdir, arg="small" if args.small else None,
+                       seeds=parse_seeds(args.seeds))
+    return args, results

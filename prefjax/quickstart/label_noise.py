@@ -9,7 +9,6 @@ scale; WORKDIR/label_noise.png plots the reward against the flip rate.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -17,7 +16,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from prefjax.quickstart import frontier, grid, report
+from prefjax.quickstart import grid, report
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "quickstart_label_noise.py"
 
@@ -74,15 +73,7 @@ def plot(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG),
-                        help="a config file with get_config and sweep(add)")
-    parser.add_argument("--small", action="store_true", help="the shrunken quick start (get_config('small'))")
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
-    args = parser.parse_args(argv)
-    results = grid.run_grid(args.config, args.workdir, arg="small" if args.small else None,
-                            seeds=frontier.parse_seeds(args.seeds))
+    args, results = grid.cli(__doc__.splitlines()[0], DEFAULT_CONFIG, argv)
     workdir = Path(args.workdir)
     text = table(results)
     (workdir / "label_noise.md").write_text(table(results, markdown=True) + "\n\n"

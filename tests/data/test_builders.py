@@ -18,24 +18,8 @@ from prefjax.data import builders
 from prefjax.data.builders import codec, helpsteer2, hh_rlhf
 from prefjax.data.readers import read_examples
 from prefjax.data.records import DataError, Location
+from tests.data.fixture_helpers import FIXTURES, bot, fixture, same, user
 
-FIXTURES = pathlib.Path(__file__).resolve().parent.parent / "fixtures" / "data"
-
-
-def fixture(name: str) -> str:
-    return str(FIXTURES / name)
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def bot(text):
-    return {"role": "assistant", "content": text}
-
-
-def same(a, b) -> bool:
-    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 
 def read_back(directory: str, split: str) -> list[dict]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import json
 import logging
 import math
 import pathlib
@@ -13,30 +12,14 @@ import pytest
 
 from prefjax.data.readers import detect_format, expand_paths, read_examples, read_rows
 from prefjax.data.records import DataError, LoadSummary
+from tests.data.fixture_helpers import bot, fixture, same, user
 
-FIXTURES = pathlib.Path(__file__).resolve().parent.parent / "fixtures" / "data"
 SHAPES = ("pairs_text", "pairs_chat", "unpaired", "ranked")
 FORMATS = ("jsonl", "json", "parquet", "csv")
 # CSV cells are text: list-valued columns are JSON-encoded in the CSV fixtures.
 CSV_JSON_COLUMNS = {"pairs_text": (), "pairs_chat": ("prompt", "chosen", "rejected"), "unpaired": (),
                     "ranked": ("responses", "scores", "ranks")}
 NAN = math.nan
-
-
-def fixture(name: str) -> str:
-    return str(FIXTURES / name)
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def bot(text):
-    return {"role": "assistant", "content": text}
-
-
-def same(a, b) -> bool:
-    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 
 def without_source(examples):
