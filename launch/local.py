@@ -24,6 +24,7 @@ import time
 from collections.abc import Sequence
 from typing import TextIO
 
+from launch import main_args as main_args_lib
 from launch.shell import Command
 
 _DEVICE_COUNT = re.compile(r"--xla_force_host_platform_device_count=\S+")
@@ -112,11 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="coordinator port (0: a free one)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds before every process is stopped")
     parser.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
-    parser.add_argument("main_args", nargs=argparse.REMAINDER, help="arguments of python -m prefjax.main, after --")
+    main_args_lib.add(parser, "arguments of python -m prefjax.main, after --")
     args = parser.parse_args(argv)
-    main_args = args.main_args[1:] if args.main_args[:1] == ["--"] else args.main_args
-    if not any(a.startswith("--config") for a in main_args):
-        parser.error("pass the prefjax.main arguments after --, e.g. -- --config=configs/tiny_dpo.py --workdir=DIR")
+    main_args = main_args_lib.parse(parser, args.main_args, "-- --config=configs/tiny_dpo.py --workdir=DIR")
     cmds = commands(main_args, num_processes=args.num_processes, devices_per_process=args.devices_per_process,
                     port=args.port or free_port(), inherited_xla_flags=os.environ.get("XLA_FLAGS", ""))
     if args.dry_run:

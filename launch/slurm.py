@@ -26,6 +26,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from launch import main_args as main_args_lib
 from launch.shell import Command, Executor
 
 REPO = Path(__file__).resolve().parent.parent
@@ -94,11 +95,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--venv", default="", help="virtual environment (default: REPO/.venv; made if missing)")
     parser.add_argument("--log_dir", default="", help="where the script and job output go (default: the workdir)")
     parser.add_argument("--dry_run", action="store_true", help="print the script and the sbatch command")
-    parser.add_argument("main_args", nargs=argparse.REMAINDER, help="-- then the prefjax.main arguments")
+    main_args_lib.add(parser)
     args = parser.parse_args(argv)
-    main_args = args.main_args[1:] if args.main_args[:1] == ["--"] else args.main_args
-    if not any(a.startswith("--config") for a in main_args):
-        parser.error("pass the prefjax.main arguments after --, e.g. -- --config=configs/tiny_dpo.py")
+    main_args = main_args_lib.parse(parser, args.main_args)
     log_dir = Path(args.log_dir or args.workdir)
     try:
         script = sbatch_script(main_args, workdir=args.workdir, nodes=args.nodes, gpus_per_node=args.gpus_per_node,

@@ -34,6 +34,7 @@ import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from launch import main_args as main_args_lib
 from launch.shell import Command, Executor
 
 REPO = Path(__file__).resolve().parent.parent
@@ -189,7 +190,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--tarball", default="",
                      help="local path of the packed checkout (default: /tmp/prefjax-NAME.tar.gz)")
     run.add_argument("--foreground", action="store_true", help="stream output and wait, instead of nohup")
-    run.add_argument("main_args", nargs=argparse.REMAINDER, help="-- then the prefjax.main arguments")
+    main_args_lib.add(run)
     sub.add_parser("create", parents=[pod, create], help="create the TPU VM")
     sub.add_parser("run", parents=[pod, run], help="run prefjax.main on every worker")
     sub.add_parser("relaunch", parents=[pod, create, run], help="recreate if preempted or missing, then run")
@@ -215,9 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         pod = TpuPod(args.name, args.zone, args.project)
         if args.action in ("run", "relaunch"):
-            main_args = args.main_args[1:] if args.main_args[:1] == ["--"] else args.main_args
-            if not any(a.startswith("--config") for a in main_args):
-                parser.error("pass the prefjax.main arguments after --, e.g. -- --config=configs/tiny_dpo.py")
+            main_args = main_args_lib.parse(parser, args.main_args)
             if any(a.startswith("--workdir") for a in main_args):
                 parser.error("give the workdir as tpu_pod's --workdir (before --), not as a prefjax.main argument")
             run = pod.run(main_args, workdir=args.workdir, tarball=args.tarball or f"/tmp/prefjax-{args.name}.tar.gz",
