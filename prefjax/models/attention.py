@@ -41,13 +41,10 @@ from flax import nnx
 from prefjax import sharding
 from prefjax.models import flash_attention, splash
 from prefjax.models.config import ModelConfig
-from prefjax.models.layers import RMSNorm, apply_rope, dtype_of, param, softcap
+from prefjax.models.layers import MASKED_LOGIT, RMSNorm, apply_rope, dtype_of, param, softcap
 
 Array = jax.Array
 
-# A finite "minus infinity": a fully masked row (a padding query) gets a uniform
-# softmax instead of NaN, and its output is ignored downstream.
-_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def attention_mask(q_positions_BxT: Array, q_segments_BxT: Array, k_positions_BxS: Array,
@@ -88,7 +85,7 @@ def einsum_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_
     logits = jnp.einsum("btkgh,bskh->bkgts", q, k_BxSxKxH, preferred_element_type=jnp.float32) * scale
     if logit_softcap is not None:
         logits = softcap(logits, logit_softcap)
-    logits = jnp.where(mask_BxTxS[:, None, None, :, :], logits, _MASKED)
+    logits = jnp.where(mask_BxTxS[:, None, None, :, :], logits, MASKED_LOGIT)
     # Any per-row constant works for stability; no gradient needs to flow through it.
     weights = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
     out = jnp.einsum("bkgts,bskh->btkgh", weights.astype(v_BxSxKxH.dtype), v_BxSxKxH,

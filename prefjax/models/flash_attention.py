@@ -28,11 +28,10 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from prefjax.models.layers import MASKED_LOGIT
+
 Array = jax.Array
 _F32 = jnp.float32
-# A finite "minus infinity" (as in prefjax.models.attention): a tile with no visible key gets
-# weights that the next visible tile's rescaling wipes out, never NaN.
-_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def _scores(q_blk: Array, k_blk: Array, mask_blk: Array, scale: float, softcap: Optional[float]) -> Array:
@@ -40,7 +39,7 @@ def _scores(q_blk: Array, k_blk: Array, mask_blk: Array, scale: float, softcap: 
     s = jnp.einsum("bqkgh,bskh->bkgqs", q_blk, k_blk, preferred_element_type=_F32) * scale
     if softcap is not None:
         s = softcap * jnp.tanh(s / softcap)
-    return jnp.where(mask_blk[:, None, None], s, _MASKED)
+    return jnp.where(mask_blk[:, None, None], s, MASKED_LOGIT)
 
 
 def _split_heads(q: Array, num_kv: int) -> Array:
@@ -61,7 +60,7 @@ def _forward(q: Array, k: Array, v: Array, mask: Array, scale: float, softcap: O
         mask_rows = mask[:, start:end]
 
         def visit(j, carry, q_blk=q_blk, mask_rows=mask_rows):
-            m, l, acc = carry
+            m, total, acc = carry
             ks = j * block
             k_blk = jax.lax.dynamic_slice_in_dim(k, ks, block, 1)
             v_blk = jax.lax.dynamic_slice_in_dim(v, ks, block, 1)
@@ -69,16 +68,16 @@ def _forward(q: Array, k: Array, v: Array, mask: Array, scale: float, softcap: O
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             p = jnp.exp(s - m_new[..., None])
             corr = jnp.exp(m - m_new)
-            l = l * corr + jnp.sum(p, axis=-1)
+            total = total * corr + jnp.sum(p, axis=-1)
             pv = jnp.einsum("bkgqs,bskh->bqkgh", p.astype(v.dtype), v_blk, preferred_element_type=_F32)
             acc = acc * jnp.moveaxis(corr, 3, 1)[..., None] + pv
-            return m_new, l, acc
+            return m_new, total, acc
 
         init = (jnp.full((b, kv, n // kv, rows), -jnp.inf, _F32), jnp.zeros((b, kv, n // kv, rows), _F32),
                 jnp.zeros((b, rows, kv, n // kv, h), _F32))
-        m, l, acc = _key_loop(visit, init, end, block)
-        outs.append((acc / jnp.moveaxis(l, 3, 1)[..., None]).astype(q.dtype).reshape(b, rows, n, h))
-        lses.append(m + jnp.log(l))
+        m, total, acc = _key_loop(visit, init, end, block)
+        outs.append((acc / jnp.moveaxis(total, 3, 1)[..., None]).astype(q.dtype).reshape(b, rows, n, h))
+        lses.append(m + jnp.log(total))
     return jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=3)
 
 
@@ -142,8 +141,8 @@ def _flash_bwd(scale, softcap, block, residuals, d_out):
             dp = jnp.einsum("bqkgh,bskh->bkgqs", do_blk, v_blk, preferred_element_type=_F32)
             ds = p * (dp - delta_blk[..., None])
             if softcap is not None:
-                # s = c tanh(x / c), so ds/dx = 1 - (s / c)^2; masked entries hold _MASKED, not a capped value.
-                ds = ds * jnp.where(s == _MASKED, 0.0, 1.0 - jnp.square(s / softcap))
+                # s = c tanh(x / c), so ds/dx = 1 - (s / c)^2; masked entries hold MASKED_LOGIT, not a capped value.
+                ds = ds * jnp.where(s == MASKED_LOGIT, 0.0, 1.0 - jnp.square(s / softcap))
             ds = (ds * scale).astype(q.dtype)
             dq = dq + jnp.einsum("bkgqs,bskh->bqkgh", ds, k_blk, preferred_element_type=_F32)
             dk_blk = jnp.einsum("bkgqs,bqkgh->bskh", ds, q_blk, preferred_element_type=_F32)

@@ -116,6 +116,12 @@ class MLP(nnx.Module):
         return jnp.einsum("btf,fd->btd", hidden, self.down[...].astype(self.dtype))
 
 
+# The attention logit of a masked key: a finite "minus infinity", so that a query with no
+# visible key (a padding query, or a tile of keys it cannot see) gets finite weights instead
+# of NaN; those are ignored downstream or wiped out by a later tile's rescaling.
+MASKED_LOGIT = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
 def softcap(x: Array, cap: Optional[float]) -> Array:
     """cap * tanh(x / cap), Gemma 2's soft-capping; identity when cap is None."""
     if cap is None:
