@@ -14,13 +14,19 @@ layout the data pipeline makes: positions count up within each segment), which
 is what lets the blocked path skip work.
 
 Implementations (`ModelConfig.attention_impl`):
-- "blocked" (the CPU default up to 512 tokens): prefjax's einsum attention,
+- "fused" (the CPU default for float32 whenever the kernel builds): a C++
+  flash-attention kernel called through the XLA FFI
+  (prefjax.models.cpu_attention): score tiles stay in cache from logits to
+  output, only the output and a log-sum-exp per query are kept for the
+  backward pass, and XLA's two CPU threads share the work. It beats torch's
+  fused CPU kernel (TRL's path) at every measured length.
+- "blocked" (the CPU default up to 512 tokens without the kernel): prefjax's einsum attention,
   cut into query blocks that each attend only to the keys up to their own end,
   so the masked upper triangle is mostly never computed. Profiling the train
   step on a 2-core CPU showed attention taking 60-70 % of a small model's step
   through `jax.nn.dot_product_attention`; query blocks run its forward and
   backward 2.5-3x faster (see benchmarks/RESULTS.md).
-- "flash" (the CPU default from 1024 tokens): tiles with an online softmax and
+- "flash" (the CPU default from 1024 tokens without the kernel): tiles with an online softmax and
   a recomputing backward (prefjax.models.flash_attention), which keeps no
   [T, T] probabilities for the backward pass.
 - "xla" / "cudnn" / None elsewhere: `jax.nn.dot_product_attention`.
@@ -39,7 +45,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from prefjax import sharding
-from prefjax.models import flash_attention, splash
+from prefjax.models import cpu_attention, flash_attention, splash
 from prefjax.models.config import ModelConfig
 from prefjax.models.layers import MASKED_LOGIT, RMSNorm, apply_rope, dtype_of, param, softcap
 
@@ -123,9 +129,13 @@ _CPU_FLASH_FROM = 1024
 _DEFAULT_BLOCK = {"blocked": 64, "flash": 128}
 
 
-def resolve_implementation(requested: Optional[str], length: Optional[int] = None) -> Optional[str]:
-    """None means, on CPU, "blocked" for rows up to 512 tokens and "flash" beyond; elsewhere jax's choice."""
+def resolve_implementation(requested: Optional[str], length: Optional[int] = None,
+                           fused_supported: bool = False) -> Optional[str]:
+    """None means, on CPU, "fused" where the C++ kernel supports the call, else "blocked" for rows
+    up to 512 tokens and "flash" beyond; elsewhere jax's choice."""
     if requested is None and jax.default_backend() == "cpu":
+        if fused_supported:
+            return "fused"
         return "flash" if length is not None and length >= _CPU_FLASH_FROM else "blocked"
     return requested
 
@@ -142,7 +152,17 @@ def dot_product_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, 
     path's measured default.
     """
     self_attention = causal_rows and q_BxTxNxH.shape[1] == k_BxSxKxH.shape[1]
-    implementation = resolve_implementation(implementation, q_BxTxNxH.shape[1])
+    wants_fused = implementation == "fused" or (implementation is None and jax.default_backend() == "cpu")
+    fused_ok = wants_fused and self_attention and cpu_attention.supports(q_BxTxNxH, logit_softcap)
+    implementation = resolve_implementation(implementation, q_BxTxNxH.shape[1], fused_ok)
+    if implementation == "fused":
+        if not fused_ok:
+            raise ValueError(
+                "attention_impl='fused' needs a float32 forward without a KV cache, head_dim in "
+                f"{cpu_attention.SUPPORTED_HEAD_DIMS}, no logit soft-cap and a C++ compiler "
+                f"(got dtype {q_BxTxNxH.dtype}, head_dim {q_BxTxNxH.shape[-1]}, softcap {logit_softcap}, "
+                f"KV cache {not self_attention}; kernel: {cpu_attention.unavailable_reason() or 'built'})")
+        return cpu_attention.fused_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, scale=scale)
     if implementation in ("blocked", "flash") or logit_softcap is not None:
         if not self_attention:
             return einsum_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, scale=scale,

@@ -14,7 +14,7 @@ import dataclasses
 from typing import Any, Optional
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
-ATTENTION_IMPLS = (None, "blocked", "flash", "xla", "cudnn", "splash")
+ATTENTION_IMPLS = (None, "fused", "blocked", "flash", "xla", "cudnn", "splash")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
@@ -48,8 +48,10 @@ class ModelConfig:
       param_dtype, dtype: parameter storage and compute dtypes ("float32",
         "bfloat16").
       remat: rematerialisation policy per layer, one of REMAT_POLICIES.
-      attention_impl: None (on CPU "blocked" up to 512 tokens, "flash"
-        beyond; jax's choice elsewhere), "blocked" (prefjax's einsum attention
+      attention_impl: None (on CPU "fused" for float32 when the C++ kernel
+        builds, else "blocked" up to 512 tokens and "flash" beyond; jax's
+        choice elsewhere), "fused" (prefjax's C++ flash-attention kernel for
+        XLA:CPU, prefjax.models.cpu_attention), "blocked" (prefjax's einsum attention
         in causal query blocks that skip the masked upper triangle), "flash"
         (tiled online-softmax attention with a recomputing backward), "xla" or "cudnn" (passed to
         jax.nn.dot_product_attention; soft-capped attention uses prefjax's own
