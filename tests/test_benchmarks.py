@@ -37,3 +37,10 @@ def test_train_step_benchmark_prints_a_row_per_setting():
                "--steps", "1", "--batch", "2", "--length", "16")
     rows = [line for line in out.splitlines() if line.startswith("| tiny")]
     assert len(rows) == 4, out
+
+
+def test_attention_kernel_benchmark_prints_a_row_per_shape():
+    out = _run("attention_kernel.py", "--shapes", "2x70x2x1x16,1x40x2x2x32", "--impls", "fused,flash,blocked,xla",
+               "--repeats", "1")
+    rows = [line for line in out.splitlines() if line.startswith("| 2x70") or line.startswith("| 1x40")]
+    assert len(rows) == 2, out

@@ -109,41 +109,55 @@ class MLP(nnx.Module):
         self.dtype = dtype_of(cfg.dtype)
 
     def __call__(self, x_BxTxD: Array) -> Array:
-        x = x_BxTxD.astype(self.dtype)
-        gate = jnp.einsum("btd,df->btf", x, self.gate[...].astype(self.dtype))
-        up = jnp.einsum("btd,df->btf", x, self.up[...].astype(self.dtype))
-        hidden = sharding.constrain(gated_activation(self.activation, gate, up), ("batch", "length", "act_mlp"))
-        return jnp.einsum("btf,fd->btd", hidden, self.down[...].astype(self.dtype))
+        return gated_mlp(self.activation, x_BxTxD.astype(self.dtype), self.gate[...].astype(self.dtype),
+                         self.up[...].astype(self.dtype), self.down[...].astype(self.dtype))
 
 
 _ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def gated_activation(activation: str, gate: Array, up: Array) -> Array:
-    """act(gate) * up, the gated MLP's hidden activation ("silu" or "gelu_tanh").
+def gated_mlp(activation: str, x_BxTxD: Array, w_gate_DxF: Array, w_up_DxF: Array, w_down_FxD: Array) -> Array:
+    """down(act(x gate) * (x up)) with act "silu" (SwiGLU) or "gelu_tanh" (GeGLU).
 
-    A custom VJP that keeps only gate and up for the backward pass and recomputes
-    act(gate) there: autodiff of the plain expression also kept act's
-    intermediates (for silu: the sigmoid and the activation), doubling the MLP's
-    saved activations, which were the largest part of a train step's memory.
+    A custom VJP whose backward pass keeps only x, gate and up: act(gate) and the
+    hidden product are recomputed there (one elementwise pass). Autodiff of the
+    plain expression also kept the hidden product and act's intermediates (for
+    silu the sigmoid and the activation): about 5 [tokens, F] arrays per layer
+    against 2 here, and the MLP's saved activations were the largest part of a
+    train step's memory (benchmarks/RESULTS.md, memory table).
     """
-    return _ACTIVATIONS[activation](gate) * up
+    return _gated_mlp_forward(activation, x_BxTxD, w_gate_DxF, w_up_DxF, w_down_FxD)[0]
 
 
-def _gated_fwd(activation, gate, up):
-    return _ACTIVATIONS[activation](gate) * up, (gate, up)
+def _gated_mlp_forward(activation, x, w_gate, w_up, w_down):
+    gate = jnp.einsum("btd,df->btf", x, w_gate)
+    up = jnp.einsum("btd,df->btf", x, w_up)
+    hidden = sharding.constrain(_ACTIVATIONS[activation](gate) * up, ("batch", "length", "act_mlp"))
+    return jnp.einsum("btf,fd->btd", hidden, w_down), (gate, up)
 
 
-def _gated_bwd(activation, residuals, d_hidden):
-    # The barrier keeps XLA from merging this recomputation with the forward's (which would
-    # keep the forward's act(gate) alive until here after all).
-    gate, up = jax.lax.optimization_barrier(residuals)
+def _gated_mlp_fwd(activation, x, w_gate, w_up, w_down):
+    out, (gate, up) = _gated_mlp_forward(activation, x, w_gate, w_up, w_down)
+    return out, (x, gate, up, w_gate, w_up, w_down)
+
+
+def _gated_mlp_bwd(activation, residuals, d_out):
+    x, gate, up, w_gate, w_up, w_down = residuals
+    # The barrier keeps XLA from merging the recomputation below with the forward's (which
+    # would keep the forward's act(gate) and hidden product alive until here after all).
+    gate, up = jax.lax.optimization_barrier((gate, up))
     act, act_vjp = jax.vjp(_ACTIVATIONS[activation], gate)
-    return act_vjp(d_hidden * up)[0], d_hidden * act
+    hidden = act * up
+    d_hidden = jnp.einsum("btd,fd->btf", d_out, w_down)
+    d_gate = act_vjp(d_hidden * up)[0]
+    d_up = d_hidden * act
+    d_x = jnp.einsum("btf,df->btd", d_gate, w_gate) + jnp.einsum("btf,df->btd", d_up, w_up)
+    return (d_x, jnp.einsum("btd,btf->df", x, d_gate), jnp.einsum("btd,btf->df", x, d_up),
+            jnp.einsum("btf,btd->fd", hidden, d_out))
 
 
-gated_activation.defvjp(_gated_fwd, _gated_bwd)
+gated_mlp.defvjp(_gated_mlp_fwd, _gated_mlp_bwd)
 
 
 # The attention logit of a masked key: a finite "minus infinity", so that a query with no
