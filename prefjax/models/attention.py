@@ -18,7 +18,7 @@ Implementations (`ModelConfig.attention_impl`):
   flash-attention kernel called through the XLA FFI
   (prefjax.models.cpu_attention): score tiles stay in cache from logits to
   output, only the output and a log-sum-exp per query are kept for the
-  backward pass, and XLA's two CPU threads share the work. It beats torch's
+  backward pass, and XLA's intra-op thread pool shares the work. It beats torch's
   fused CPU kernel (TRL's path) at every measured length.
 - "blocked" (the CPU default up to 512 tokens without the kernel): prefjax's einsum attention,
   cut into query blocks that each attend only to the keys up to their own end,
@@ -38,7 +38,7 @@ einsum path (blocked without a cache).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -130,11 +130,12 @@ _DEFAULT_BLOCK = {"blocked": 64, "flash": 128}
 
 
 def resolve_implementation(requested: Optional[str], length: Optional[int] = None,
-                           fused_supported: bool = False) -> Optional[str]:
+                           fused_supported: Callable[[], bool] = lambda: False) -> Optional[str]:
     """None means, on CPU, "fused" where the C++ kernel supports the call, else "blocked" for rows
-    up to 512 tokens and "flash" beyond; elsewhere jax's choice."""
+    up to 512 tokens and "flash" beyond; elsewhere jax's choice. `fused_supported` is asked only
+    on that CPU default path, so other backends never build the kernel."""
     if requested is None and jax.default_backend() == "cpu":
-        if fused_supported:
+        if fused_supported():
             return "fused"
         return "flash" if length is not None and length >= _CPU_FLASH_FROM else "blocked"
     return requested
@@ -152,11 +153,12 @@ def dot_product_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, 
     path's measured default.
     """
     self_attention = causal_rows and q_BxTxNxH.shape[1] == k_BxSxKxH.shape[1]
-    wants_fused = implementation == "fused" or (implementation is None and jax.default_backend() == "cpu")
-    fused_ok = wants_fused and self_attention and cpu_attention.supports(q_BxTxNxH, logit_softcap)
-    implementation = resolve_implementation(implementation, q_BxTxNxH.shape[1], fused_ok)
+    def fused_supported() -> bool:
+        return self_attention and cpu_attention.supports(q_BxTxNxH, logit_softcap)
+
+    implementation = resolve_implementation(implementation, q_BxTxNxH.shape[1], fused_supported)
     if implementation == "fused":
-        if not fused_ok:
+        if not fused_supported():
             raise ValueError(
                 "attention_impl='fused' needs a float32 forward without a KV cache, head_dim in "
                 f"{cpu_attention.SUPPORTED_HEAD_DIMS}, no logit soft-cap and a C++ compiler "

@@ -10,9 +10,9 @@ The kernel is compiled on first use with the machine's C++ compiler (`$CXX`, els
 g++, else c++) for this CPU (-march=native) and cached under
 `$PREFJAX_KERNEL_CACHE` (default ~/.cache/prefjax/kernels), keyed by the source,
 the compiler, the jaxlib headers and the CPU. `available()` is False, with the
-reason in `unavailable_reason()`, when no compiler works; callers then use the
-plain-JAX flash path. Supports float32, head_dim a multiple of 16 up to 128 or
-256, GQA, and any mask that excludes keys later than the query (packing,
+reason in `unavailable_reason()`, when no compiler works; callers then use
+prefjax's JAX attention paths. Supports float32, head_dim in SUPPORTED_HEAD_DIMS,
+GQA, and any mask that excludes keys later than the query (packing,
 padding, prefix-shared branches). Under a multi-device mesh the kernel runs per
 batch shard (shard_map over the mesh axes the "batch" rule names).
 """

@@ -142,7 +142,7 @@ def test_cpu_default_uses_the_kernel_for_float32_and_falls_back_otherwise(monkey
     q8, k8, v8 = _qkv(2, 16, 2, 1, 8, seed=5)
     attention.dot_product_attention(q8, k8, v8, mask, scale=0.25, logit_softcap=None, causal_rows=True)
     assert calls == [1]
-    assert attention.resolve_implementation(None, 4096, fused_supported=True) == "fused"
+    assert attention.resolve_implementation(None, 4096, fused_supported=lambda: True) == "fused"
 
 
 def test_explicit_fused_request_it_cannot_serve_names_the_reason():
