@@ -18,11 +18,18 @@ first-step losses, which must agree within --loss-tol (policy = reference at ste
 the loss is log 2 for everyone, so the policy's first-step log-prob of the chosen responses
 is compared too; step 2's loss, after one AdamW update, is shown as well).
 A framework that cannot be installed or run gets an "unavailable: <reason>" row.
+
+On a GPU (benchmarks/gpu_table.sh runs the ~1B table): --dtype bfloat16 computes in bf16
+over float32 master weights (prefjax's model dtype, TRL's autocast; Tunix has only bf16
+parameters), MFU is against the datasheet's dense bf16 peak, memory is the device's
+high-water mark, and --python FW=PATH runs a framework with an interpreter that is already
+there (a machine without a package index), keeping PYTHONPATH.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -34,6 +41,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The orchestrator touches the accelerator only to read its peak; it must not hold the runners'
+# memory (JAX reserves 75% of a GPU by default).
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 from compare import table, venvs, workload  # noqa: E402
 
@@ -78,21 +88,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="leave OpenMP's wait policy at its default (spinning); by default runners get "
                         "OMP_WAIT_POLICY=PASSIVE, because on a loaded machine torch's spinning threads slow "
                         "TRL's step down by 10-20x (XLA's own thread pool is not affected)")
-    p.add_argument("--json", type=Path, default=None, help="also write every row as JSON here")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="compute dtype (bfloat16: float32 master weights where the framework has them)")
+    p.add_argument("--attention", default="", help="prefjax's attention_impl (default: its choice for the backend)")
+    p.add_argument("--python", action="append", default=[], metavar="FW=PATH",
+                   help="run framework FW with this interpreter (no venv; PYTHONPATH kept)")
+    p.add_argument("--json", type=Path, default=None, help="also write every row as JSON here (after each cell)")
     args = p.parse_args(argv)
+    try:
+        args.python = dict(item.split("=", 1) for item in args.python)
+    except ValueError:
+        p.error(f"--python: expected FW=PATH, got {args.python}")
+    unknown = sorted(set(args.python) - set(FRAMEWORKS))
+    if unknown:
+        p.error(f"--python: unknown framework {unknown}; choose from {','.join(FRAMEWORKS)}")
     if args.steps < 1 or args.pairs < 1 or min(args.seq) < 4:
         p.error("--steps and --pairs must be >= 1 and every --seq >= 4")
     args.warmup = min(args.warmup, args.steps - 1)
     return args
 
 
-def run_framework(framework: str, python: str, job_file: Path, timeout: float, omp_spin: bool = False) -> dict:
+def run_framework(framework: str, python: str, job_file: Path, timeout: float, omp_spin: bool = False,
+                  keep_pythonpath: bool = False) -> dict:
     """Launches the runner; adds start-up time (launch -> first step done) to its result."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         result_file = Path(f.name)
     env = dict(os.environ)
-    # Foreign venvs must not see this environment's packages (e.g. prefjax's editable install paths).
-    env.pop("PYTHONPATH", None)
+    if not keep_pythonpath:
+        # Foreign venvs must not see this environment's packages (e.g. prefjax's editable install paths).
+        env.pop("PYTHONPATH", None)
     if not omp_spin:
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     launched = time.time()
@@ -116,14 +140,32 @@ def run_framework(framework: str, python: str, job_file: Path, timeout: float, o
     return result
 
 
-def cpu_peak_flops() -> tuple[float, str]:
-    """Best float32 rate of a 4096 x 4096 jitted matmul on this machine (before any runner starts)."""
+def peak_flops(dtype: str) -> tuple[float, str]:
+    """The MFU denominator: on CPU the best float32 rate of a 4096 x 4096 jitted matmul on this
+    machine (before any runner starts); on an accelerator the datasheet's dense peak for `dtype`
+    (prefjax.metrics), with a measured 8192^3 matmul on random data printed beside it."""
     import jax
 
     from prefjax import metrics
 
-    rate = metrics.measure_matmul_flops(jax.devices()[0], "float32", size=4096, reps=5)
-    return rate, f"measured: float32 4096x4096 matmul, best of 5, {rate / 1e9:.1f} GFLOP/s"
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        rate = metrics.measure_matmul_flops(device, "float32", size=4096, reps=5)
+        return rate, f"measured: float32 4096x4096 matmul, best of 5, {rate / 1e9:.1f} GFLOP/s"
+    peak, source = metrics.device_peak_flops(device, dtype)
+    key_a, key_b = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(key_a, (8192, 8192), dtype)
+    b = jax.random.normal(key_b, (8192, 8192), dtype)
+    matmul = jax.jit(lambda x, y: x @ y)
+    matmul(a, b).block_until_ready()
+    times = []
+    for _ in range(10):
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        times.append(time.perf_counter() - start)
+    measured = 2 * 8192**3 / sorted(times)[len(times) // 2]
+    return peak, (f"{source}: {peak / 1e12:.0f} TFLOP/s; measured {dtype} 8192^3 matmul on random data, "
+                  f"median of 10: {measured / 1e12:.0f} TFLOP/s")
 
 
 def annotate(row: dict, peak: float) -> dict:
@@ -131,7 +173,7 @@ def annotate(row: dict, peak: float) -> dict:
     prefjax-shared, which computes each prompt once)."""
     from prefjax import memory_budget, metrics
 
-    cfg = workload.model_config(row["size"], row["seq"])
+    cfg = dataclasses.replace(workload.model_config(row["size"], row["seq"]), dtype=row.get("dtype", "float32"))
     tokens = 2 * row["pairs"] * row["seq"]
     if row["framework"] == "prefjax-shared":  # the FLOPs and activations it actually has: P + 2R per pair
         prompt = row["seq"] // 2
@@ -147,12 +189,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     workdir = args.workdir or args.venv_root / "work"
     workdir.mkdir(parents=True, exist_ok=True)
-    peak, peak_source = cpu_peak_flops()
-    pythons = {fw: venvs.python_for(fw, args.venv_root, install=not args.no_install) for fw in args.frameworks}
+    peak, peak_source = peak_flops(args.dtype)
+    pythons = {fw: (args.python[fw], "") if fw in args.python else
+               venvs.python_for(fw, args.venv_root, install=not args.no_install) for fw in args.frameworks}
     rows = []
     for size in args.sizes:
         for seq in args.seq:
-            job = workload.make_job(size, seq, args.pairs, args.steps, args.warmup, args.lr, args.beta, workdir)
+            job = workload.make_job(size, seq, args.pairs, args.steps, args.warmup, args.lr, args.beta, workdir,
+                                    dtype=args.dtype, attention=args.attention)
             job_file = workdir / f"job-{size}-{seq}.json"
             job.write(job_file)
             best: dict[str, dict] = {}
@@ -163,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
                     if python is None or "error" in best.get(fw, {}):
                         best.setdefault(fw, {"error": reason})
                         continue
-                    result = run_framework(fw, python, job_file, args.timeout, args.omp_spin)
+                    result = run_framework(fw, python, job_file, args.timeout, args.omp_spin,
+                                           # prefjax's runners use this interpreter and its environment
+                                           keep_pythonpath=fw in args.python or fw.startswith("prefjax"))
                     print(f"[run] {fw} {size} seq={seq}: " + (f"unavailable: {result['error']}" if "error" in result
                           else f"{1e3 * result['step_seconds']:.1f} ms/step"), file=sys.stderr, flush=True)
                     if "error" not in result:
@@ -171,10 +217,13 @@ def main(argv: list[str] | None = None) -> int:
                     if fw not in best or ("error" not in result and result["step_seconds"] < best[fw]["step_seconds"]):
                         best[fw] = result
             rows += [annotate(dict(framework=fw, size=size, seq=seq, pairs=args.pairs, params=job.num_params,
-                                   round_step_seconds=all_rounds[fw], **best[fw]), peak) for fw in args.frameworks]
+                                   dtype=args.dtype, round_step_seconds=all_rounds[fw], **best[fw]), peak)
+                     for fw in args.frameworks]
+            if args.json:  # after every cell, so a run cut short still leaves its finished cells
+                args.json.write_text(json.dumps(rows, indent=1))
     cores = os.cpu_count()
     print(f"DPO step, {args.pairs} pairs x seq (prompt = response = seq/2), frozen reference, AdamW lr={args.lr}, "
-          f"beta={args.beta}; median of {args.steps - args.warmup} steps after {args.warmup} warm-up"
+          f"beta={args.beta}, {args.dtype}; median of {args.steps - args.warmup} steps after {args.warmup} warm-up"
           + (f", fastest of {args.rounds} interleaved runs" if args.rounds > 1 else "")
           + ("" if args.omp_spin else ", OMP_WAIT_POLICY=PASSIVE"))
     print(f"{datetime.date.today().isoformat()}, {platform.machine()} {platform.system()}, {cores} cores, "
@@ -182,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
           + "; ".join(f"{r['framework']}: {r['version']}" for r in rows if "version" in r and r["size"] == rows[0]["size"]
                       and r["seq"] == rows[0]["seq"]))
     print(f"MFU: model FLOPs (policy forward + backward = 3 forwards, reference forward = 1; matmuls + causal "
-          f"attention, prefjax.metrics.preference_step_flops) / step time / CPU peak ({peak_source})")
+          f"attention, prefjax.metrics.preference_step_flops) / step time / peak ({peak_source})")
     print()
     print(table.speed_table(rows))
     print()
@@ -193,8 +242,6 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"first-step losses and chosen log-probs {'agree' if ok else 'DO NOT agree'} with prefjax's "
           f"(loss within {args.loss_tol:g}, log-probs within {args.logp_rtol:g} relative)")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
     return 0 if ok else 1
 
 

@@ -73,3 +73,46 @@ def test_mfu_and_memory_columns_follow_the_row_numbers():
     memory = table.memory_table(rows).splitlines()
     assert "| 1,536.0 | 1.50x |" in memory[2]  # XLA peak 1.5 GiB over 1 GiB required
     assert memory[3].endswith("| 2,048 | 2.00x |") and "| - | - |" in memory[3]
+
+
+def test_bfloat16_cell_with_a_given_interpreter_and_merged_tables(tmp_path):
+    # --python runs a framework with an interpreter that is already there (PYTHONPATH kept): here
+    # this one, which has no TRL, so TRL's row names the missing module rather than a venv.
+    out_json = tmp_path / "rows.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "compare_trl_tunix.py"), "--frameworks", "prefjax,trl",
+         "--sizes", "tiny", "--seq", "32", "--steps", "2", "--pairs", "2", "--no-install", "--dtype", "bfloat16",
+         "--attention", "blocked", "--python", f"trl={sys.executable}", "--loss-tol", "1e-2",
+         "--venv-root", str(tmp_path / "venvs"), "--workdir", str(tmp_path / "work"), "--json", str(out_json)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    rows = {r["framework"]: r for r in json.loads(out_json.read_text())}
+    assert "No module named" in rows["trl"]["error"] and not (tmp_path / "venvs" / "trl").exists()
+    prefjax = rows["prefjax"]
+    assert prefjax["dtype"] == "bfloat16" and "attention blocked" in prefjax["version"]
+    assert math.isclose(prefjax["losses"][0], math.log(2.0), abs_tol=1e-2)
+    # bf16 activations: the arithmetic counts 2 bytes per saved activation value.
+    f32 = workload.model_config("tiny", 32)
+    from prefjax import memory_budget
+
+    need_f32 = memory_budget.preference_step_memory(f32, 2 * 2 * 32)
+    need_bf16 = memory_budget.preference_step_memory(f32.replace(dtype="bfloat16"), 2 * 2 * 32)
+    assert need_bf16.activations * 2 == need_f32.activations and prefjax["required_bytes"] == need_bf16.total
+    # The table tool prints the same tables from the JSON rows of separate invocations.
+    merged = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare" / "table.py"), str(out_json),
+                             "--loss-tol", "1e-2"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert merged.returncode == 0, merged.stderr
+    assert merged.stdout.count("| prefjax | tiny |") == 3 and "unavailable: ModuleNotFoundError" in merged.stdout
+
+
+def test_python_option_must_name_a_framework():
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare_trl_tunix.py"),
+                             "--python", "torch=/usr/bin/python3"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "unknown framework ['torch']" in result.stderr
+
+
+def test_accelerator_memory_replaces_rss_in_the_tables():
+    row = dict(_row("prefjax", 0.6931), device_peak_bytes=3 * 2**30, required_bytes=2**30,
+               required_text="... = 1,024.0 MiB")
+    assert table.derived(row)["peak memory (MiB)"] == 3 * 1024
+    assert table.memory_table([row]).splitlines()[2].endswith("| 3,072 | 3.00x |")

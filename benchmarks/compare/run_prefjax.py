@@ -45,7 +45,10 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     from prefjax.models import hf_checkpoint
     from prefjax.state import TrainState
 
-    ckpt = hf_checkpoint.load(job["model_dir"], with_tokenizer=False)
+    overrides = {"dtype": job.get("dtype", "float32")}  # compute dtype; parameters stay float32
+    if job.get("attention"):
+        overrides["attention_impl"] = job["attention"]
+    ckpt = hf_checkpoint.load(job["model_dir"], with_tokenizer=False, **overrides)
     lr = job["lr"]
     tx = optax.adamw(lr, weight_decay=0.0)  # TRL's and Tunix's runs also use no decay
     from prefjax.data import prefix_sharing
@@ -80,8 +83,10 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         if first_logps is None:
             first_logps = float(m["logps/chosen"])  # policy log-prob of the chosen responses, mean over pairs
     out = clock.summary(job["warmup"])
-    out.update(first_logps_chosen=first_logps, compile_seconds=compile_s, version=f"jax {jax.__version__}",
-               xla_peak_bytes=xla_peak)
+    device = jax.devices()[0]
+    out.update(first_logps_chosen=first_logps, compile_seconds=compile_s, xla_peak_bytes=xla_peak,
+               version=f"jax {jax.__version__}, {device.device_kind}, attention {ckpt.cfg.attention_impl or 'default'}",
+               device_peak_bytes=runner_common.jax_device_peak_bytes(device))
     return out
 
 

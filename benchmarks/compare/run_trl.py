@@ -59,7 +59,10 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         def on_step_end(self, args, state, control, **kw):
             clock.end()
 
+    # float32 master weights; with job dtype bfloat16 the Trainer computes under bf16 autocast.
     model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=torch.float32)
+    on_gpu = torch.cuda.is_available()
+    bf16 = job.get("dtype", "float32") == "bfloat16"
     data = datasets.Dataset.from_dict(dict(prompt_ids=job["prompt"], chosen_ids=job["chosen"],
                                            rejected_ids=job["rejected"]))
     with tempfile.TemporaryDirectory() as out_dir:
@@ -68,15 +71,17 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
             learning_rate=job["lr"], weight_decay=0.0, lr_scheduler_type="constant", warmup_steps=0,
             max_grad_norm=0.0, beta=job["beta"], loss_type=["sigmoid"], max_length=None,
             gradient_checkpointing=False, logging_steps=1, report_to="none", save_strategy="no",
-            use_cpu=True, dataloader_num_workers=0, seed=0, bf16=False, fp16=False)
+            use_cpu=not on_gpu, dataloader_num_workers=0, seed=0, bf16=bf16, fp16=False)
         trainer = PreTokenized(model=model, args=args, train_dataset=data, processing_class=_tokenizer(),
                                callbacks=[Timer()])
         trainer.train()
     out = clock.summary(job["warmup"])
     out["losses"] = clock.losses[:job["steps"]]
     out["first_logps_chosen"] = first_logps[0] if first_logps else None
+    where = torch.cuda.get_device_name() if on_gpu else f"{torch.get_num_threads()} threads"
     out.update(version=f"trl {trl.__version__}, torch {torch.__version__}, transformers {transformers.__version__}, "
-                       f"{torch.get_num_threads()} threads")
+                       f"{where}, attention {model.config._attn_implementation}",
+               device_peak_bytes=torch.cuda.max_memory_allocated() if on_gpu else None)
     return out
 
 

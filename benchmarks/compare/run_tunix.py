@@ -72,9 +72,12 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         prompt_ids=np.asarray(job["prompt"], np.int32), prompt_mask=ones(job["prompt"]),
         chosen_ids=np.asarray(job["chosen"], np.int32), chosen_mask=ones(job["chosen"]),
         rejected_ids=np.asarray(job["rejected"], np.int32), rejected_mask=ones(job["rejected"]))
+    # Tunix's Llama has one dtype for parameters and compute: bfloat16 means bf16 parameters
+    # (and optimizer updates on them), not mixed precision.
+    dtype = None if job.get("dtype", "float32") == "float32" else getattr(jax.numpy, job["dtype"])
     with mesh, tempfile.TemporaryDirectory() as tmp:
-        policy = llama_params.create_model_from_safe_tensors(job["model_dir"], cfg, mesh)
-        reference = llama_params.create_model_from_safe_tensors(job["model_dir"], cfg, mesh)
+        policy = llama_params.create_model_from_safe_tensors(job["model_dir"], cfg, mesh, dtype=dtype)
+        reference = llama_params.create_model_from_safe_tensors(job["model_dir"], cfg, mesh, dtype=dtype)
         config = dpo_trainer.DPOTrainingConfig(
             beta=job["beta"], eval_every_n_steps=10**9, max_steps=job["steps"], pbar_description=None,
             metrics_logging_options=peft_trainer.MetricsLoggerOptions(log_dir=tmp, flush_every_n_steps=10**9))
@@ -93,7 +96,8 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     out["first_logps_chosen"] = first_logps
     import tunix  # noqa: F401 (version only)
     from importlib.metadata import version
-    out.update(version=f"tunix {version('google-tunix')}, jax {jax.__version__}")
+    out.update(version=f"tunix {version('google-tunix')}, jax {jax.__version__}",
+               device_peak_bytes=runner_common.jax_device_peak_bytes(jax.devices()[0]))
     return out
 
 

@@ -27,6 +27,14 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def jax_device_peak_bytes(device: Any) -> int | None:
+    """An accelerator's high-water mark of allocated bytes (None on CPU, whose allocator keeps no stats)."""
+    if getattr(device, "platform", "cpu") == "cpu":
+        return None
+    stats = device.memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
 class StepClock:
     """Collects per-step wall times, first-step completion time and per-step losses."""
 

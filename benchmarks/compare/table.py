@@ -9,13 +9,19 @@ Row = dict[str, Any]  # framework, size, seq, pairs, params, and either the runn
 
 
 def derived(row: Row) -> dict[str, float]:
-    """pairs/s, tokens/s (both sequences of each pair, full length), step ms, RSS MiB, start-up s."""
+    """pairs/s, tokens/s (both sequences of each pair, full length), step ms, peak memory MiB (the
+    accelerator's high-water mark where there is one, else the process's RSS), start-up s."""
     step = row["step_seconds"]
     out = {"pairs/s": row["pairs"] / step, "tokens/s": 2 * row["pairs"] * row["seq"] / step,
-           "step (ms)": 1e3 * step, "peak RSS (MiB)": row["peak_rss"] / 2**20, "start-up (s)": row["startup_seconds"]}
+           "step (ms)": 1e3 * step, "peak memory (MiB)": _peak_bytes(row) / 2**20,
+           "start-up (s)": row["startup_seconds"]}
     if row.get("model_flops") and row.get("peak_flops"):
         out["MFU (%)"] = 100.0 * row["model_flops"] / step / row["peak_flops"]
     return out
+
+
+def _peak_bytes(row: Row) -> int:
+    return row.get("device_peak_bytes") or row["peak_rss"]
 
 
 def _fmt(value: float) -> str:
@@ -26,7 +32,7 @@ def _fmt(value: float) -> str:
 
 def speed_table(rows: list[Row]) -> str:
     """Markdown table; each number is followed by its ratio to prefjax's row of the same cell."""
-    cols = ["pairs/s", "tokens/s", "step (ms)", "MFU (%)", "peak RSS (MiB)", "start-up (s)"]
+    cols = ["pairs/s", "tokens/s", "step (ms)", "MFU (%)", "peak memory (MiB)", "start-up (s)"]
     if not all("model_flops" in r for r in rows if "error" not in r):
         cols.remove("MFU (%)")
     lines = ["| framework | size | params | seq | " + " | ".join(cols) + " |", "|---" * (4 + len(cols)) + "|"]
@@ -83,10 +89,12 @@ def memory_table(rows: list[Row]) -> str:
     """Peak memory against what the step must hold (prefjax.memory_budget), per framework.
 
     prefjax also reports XLA's own peak for the step program (inputs + outputs + temporaries,
-    donated buffers counted once); RSS includes each runtime's own code and libraries.
+    donated buffers counted once). Peak memory is the accelerator's high-water mark of allocated
+    bytes where there is one, else the process's peak RSS, which includes each runtime's own
+    code and libraries.
     """
     lines = ["| framework | size | seq | required (arithmetic) | XLA step peak (MiB) | XLA / required | "
-             "peak RSS (MiB) | RSS / required |", "|---" * 8 + "|"]
+             "peak memory (MiB) | peak / required |", "|---" * 8 + "|"]
     for r in rows:
         if "error" in r or "required_bytes" not in r:
             continue
@@ -94,5 +102,37 @@ def memory_table(rows: list[Row]) -> str:
         xla = r.get("xla_peak_bytes")
         xla_cells = f"{xla / 2**20:,.1f} | {xla / need:.2f}x" if xla else "- | -"
         lines.append(f"| {r['framework']} | {r['size']} | {r['seq']} | {r['required_text']} | {xla_cells} | "
-                     f"{r['peak_rss'] / 2**20:,.0f} | {r['peak_rss'] / need:.2f}x |")
+                     f"{_peak_bytes(r) / 2**20:,.0f} | {_peak_bytes(r) / need:.2f}x |")
     return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    """Prints the three tables for the rows of one or more JSON files written by
+    compare_trl_tunix.py --json (e.g. cells of one machine run as separate invocations)."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("files", nargs="+", help="--json outputs of compare_trl_tunix.py")
+    p.add_argument("--loss-tol", type=float, default=1e-4)
+    p.add_argument("--logp-rtol", type=float, default=1e-4)
+    args = p.parse_args(argv)
+    rows: list[Row] = []
+    for name in args.files:
+        with open(name, encoding="utf-8") as f:
+            rows += json.load(f)
+    # One prefjax row per cell is the base of the ratios; later files' rows follow earlier ones.
+    rows.sort(key=lambda r: (r["size"], r["seq"], r["framework"] != "prefjax"))
+    print(speed_table(rows))
+    print()
+    print(memory_table(rows))
+    print()
+    text, ok = loss_check(rows, args.loss_tol, args.logp_rtol)
+    print(text)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

@@ -26,6 +26,9 @@ SIZES: dict[str, dict[str, int]] = {
     # 125M parameters (GPT-2-small scale, Llama layout): the largest size measured on the 2-core CPU.
     "large": dict(hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12, num_kv_heads=4,
                   head_dim=64, vocab_size=32000),
+    # 1.1B parameters (TinyLlama's shape: 22 layers, GQA 32/4, untied 32k vocabulary): the GPU table.
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=32, num_kv_heads=4,
+               head_dim=64, vocab_size=32000),
 }
 
 
@@ -46,6 +49,10 @@ class Job:
     rejected: list[list[int]]
     num_params: int = 0
     pad_id: int = 0
+    # "float32", or "bfloat16": bf16 compute over float32 master weights where the framework
+    # has that (prefjax's dtype, TRL's autocast); Tunix's bf16 is bf16 parameters.
+    dtype: str = "float32"
+    attention: str = ""  # prefjax's attention_impl ("" = its default for the backend)
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(dataclasses.asdict(self)), encoding="utf-8")
@@ -60,7 +67,7 @@ def model_config(size: str, seq: int) -> Any:
     # rope_theta 1e6: Tunix 0.1.7's Llama3 attention calls apply_rope without the config's
     # rope_theta and always uses its default 1_000_000; with that value all three frameworks
     # compute the same function (with Llama 2's 10_000 Tunix's log-probs differ by ~1e-3).
-    return models.get_preset("llama2-tiny", max_position_embeddings=max(512, seq), rope_theta=1_000_000.0,
+    return models.get_preset("llama2-tiny", max_position_embeddings=max(2048, seq), rope_theta=1_000_000.0,
                              **SIZES[size])
 
 
@@ -72,7 +79,11 @@ def make_model_folder(size: str, seq: int, root: Path, seed: int = 0) -> tuple[P
     cfg = model_config(size, seq)
     folder = root / f"{size}-{cfg.max_position_embeddings}-theta{cfg.rope_theta:g}-seed{seed}"
     if not (folder / "config.json").is_file():
-        _, params = models.init_params(cfg, seed=seed)
+        import jax
+
+        # Initialised on the host, so that an accelerator stays free for the runners.
+        with jax.default_device(jax.devices("cpu")[0]):
+            _, params = models.init_params(cfg, seed=seed)
         hf_checkpoint.save(folder, cfg, params, dtype="float32",
                            extra_config=dict(bos_token_id=1, eos_token_id=2, pad_token_id=0))
     return folder, cfg.num_params
@@ -90,8 +101,9 @@ def make_pairs(pairs: int, seq: int, vocab_size: int, seed: int = 0) -> tuple[li
 
 
 def make_job(size: str, seq: int, pairs: int, steps: int, warmup: int, lr: float, beta: float,
-             root: Path) -> Job:
+             root: Path, dtype: str = "float32", attention: str = "") -> Job:
     folder, n = make_model_folder(size, seq, root)
     prompt, chosen, rejected = make_pairs(pairs, seq, SIZES[size]["vocab_size"])
     return Job(size=size, model_dir=str(folder), seq=seq, pairs=pairs, steps=steps, warmup=warmup, lr=lr,
-               beta=beta, prompt=prompt, chosen=chosen, rejected=rejected, num_params=n)
+               beta=beta, prompt=prompt, chosen=chosen, rejected=rejected, num_params=n, dtype=dtype,
+               attention=attention)
