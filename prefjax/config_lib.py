@@ -64,7 +64,12 @@ def trainer_config() -> ConfigDict:
         tokenizer="",  # tokenizer folder when the model is a preset ("" = the model's hf_folder)
         batch_size=8,  # global examples per step (all processes together)
         max_len=64,
-        pack=False,
+        pack=False,  # several sequences per row (segment ids); real data only
+        # packed rows per process and step (each step holds pack_rows x row_length tokens per process)
+        pack_rows=ml_collections.FieldReference(None, field_type=int),
+        row_length=ml_collections.FieldReference(None, field_type=int),  # None: max_len
+        pack_overflow="error",  # an example that finds no room: "error", or "drop" (weight 0, counted)
+        fill_rows=False,  # with pack: batches take examples until the rows are full (batch_size = the most)
         share_prefix=False,  # one row per example: prompt once, then every response (prefjax.data.prefix_sharing)
         buckets=64,
         max_prompt_len=ml_collections.FieldReference(None, field_type=int),
@@ -101,6 +106,7 @@ def validate(config: ConfigDict, num_devices: Optional[int] = None) -> None:
     _check_reference(config)
     _check_model(config)
     _check_mesh_and_batch(config, num_devices)
+    _check_packing(config, num_devices)
     if config.total_steps < 1:
         _fail(f"total_steps={config.total_steps} must be >= 1")
 
@@ -211,6 +217,41 @@ def _check_mesh_and_batch(config: ConfigDict, num_devices: int) -> None:
     if config.grad_accum > 1 and _mixing_layout(config):
         _fail(f"grad_accum > 1 needs unpacked batches ({_mixing_layout(config)}=False): micro-batches are cut "
               "from the unpacked row order")
+
+
+def _check_packing(config: ConfigDict, num_devices: int) -> None:
+    data = config.data
+    if data.fill_rows and not data.pack:
+        _fail("data.fill_rows=True fills packed rows: set data.pack=True (and data.pack_rows)")
+    if not data.pack:
+        return
+    if data.source == "synthetic":
+        _fail("data.pack=True packs real data; synthetic batches are unpacked (set data.source, or pack=False)")
+    _check_choice("data.pack_overflow", data.pack_overflow, ("error", "drop"))
+    if data.pack_rows is None or data.pack_rows < 1:
+        _fail(f"data.pack=True needs data.pack_rows >= 1 (got {data.pack_rows}): the packed rows per process and "
+              "step, fixed so that the step compiles once; a step then holds pack_rows x row_length tokens per "
+              "process")
+    if data.row_length is not None and data.row_length < data.max_len:
+        _fail(f"data.row_length={data.row_length} must be >= data.max_len={data.max_len} (a sequence fills at "
+              "most one row)")
+    mesh = config.mesh.to_dict()
+    known = math.prod(v for v in mesh.values() if v != -1)
+    resolved = {k: (num_devices // known if v == -1 else v) for k, v in mesh.items()}
+    data_parallel = resolved["data"] * resolved["fsdp"]
+    rows = data.pack_rows * jax.process_count()
+    if rows % data_parallel:
+        _fail(f"data.pack_rows={data.pack_rows} x {jax.process_count()} processes = {rows} packed rows must be a "
+              f"multiple of the data-parallel size data*fsdp = {data_parallel}")
+    if data.fill_rows and jax.process_count() > 1:
+        # Each process then makes as many batches as its data fills: on data read a fixed number of
+        # times the processes would disagree on the step count.
+        if data.num_epochs is not None:
+            _fail("data.fill_rows=True with several processes needs data.num_epochs=None (repeat; total_steps "
+                  "ends the run)")
+        if data.eval_source:
+            _fail("data.fill_rows=True with several processes cannot evaluate data.eval_source (read once, it "
+                  "would give the processes different batch counts); evaluate in a one-process run")
 
 
 def data_kind(loss_name: str) -> str:

@@ -153,6 +153,9 @@ def data_config(data: ml_collections.ConfigDict, *, per_process_batch: int, seed
     mapping = dict(batch_size=per_process_batch, max_len=data.max_len, pack=data.pack, buckets=data.buckets,
                    seed=seed, shuffle=shuffle, num_epochs=num_epochs, label_noise=data.label_noise,
                    on_error=data.on_error, prompt_mode=data.prompt_mode, response_mode=data.response_mode)
+    if data.pack:
+        mapping.update(pack_rows=data.pack_rows, row_length=data.row_length, pack_overflow=data.pack_overflow,
+                       fill_packed_rows=data.fill_rows)
     if data.max_prompt_len is not None:
         mapping["max_prompt_len"] = data.max_prompt_len
     if data.max_response_len is not None:

@@ -33,7 +33,7 @@ def small_rows():
 
 def test_every_real_token_is_counted_once(small_rows):
     expected = _input_tokens(pe.make_dataset(SMALL))
-    assert len(small_rows) == 5
+    assert len(small_rows) == 7  # 3 unpacked, packed and packed fill for 2 row lengths
     for row in small_rows:
         assert row["real_tokens"] == expected, row["layout"]
         assert row["real_pairs"] == SMALL.num_pairs and row["pack_dropped"] == 0
@@ -87,10 +87,22 @@ def test_default_skewed_lengths_reach_the_target_when_packed():
     assert packed and all(r["real_fraction"] >= 0.9 for r in packed), rows
 
 
+def test_filling_the_rows_reaches_the_target_at_64_pairs_per_batch():
+    # Counted batches of 64 need rows for their heaviest batch (under 0.9 real); forming the
+    # batches by what fits the same rows (fill_packed_rows) does not.
+    config = pe.DatasetConfig(num_pairs=1024)
+    rows = {r["layout"]: r for r in pe.run(config, batch_sizes=(64,), row_lengths=(1024,))}
+    counted, filled = rows["packed 1024"], rows["packed fill 1024"]
+    assert counted["rows_per_batch"] == filled["rows_per_batch"]  # the same compiled shape per step
+    assert counted["real_fraction"] < 0.9 <= filled["real_fraction"], (counted, filled)
+    assert filled["batches"] < counted["batches"] and filled["real_pairs"] == 1024
+
+
 def test_main_prints_a_table_and_writes_json(tmp_path, capsys):
     out = tmp_path / "rows.json"
     rows = pe.main(["--pairs", "40", "--max-len", "64", "--prompt-median", "8", "--response-median", "12",
                     "--batch-sizes", "16", "--row-lengths", "64", "--json", str(out)])
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 16 |")]
-    assert [line.split(" | ")[1] for line in table] == ["unpacked max", "unpacked x64", "unpacked pow2", "packed 64"]
+    assert [line.split(" | ")[1] for line in table] == ["unpacked max", "unpacked x64", "unpacked pow2", "packed 64",
+                                                        "packed fill 64"]
     assert json.loads(out.read_text()) == rows

@@ -172,6 +172,14 @@ def test_hf_model_on_a_chat_dataset_with_evaluation(tmp_path):
     ({"reference.refresh": "sometimes"}, "reference.refresh"),
     ({"model.preset": "gpt5"}, "not a preset"),
     ({"on_nonfinite": "ignore"}, "on_nonfinite"),
+    ({"data.pack": True}, "packs real data"),
+    ({"data.fill_rows": True}, "set data.pack=True"),
+    ({"data.pack": True, "data.source": "pairs.jsonl"}, "needs data.pack_rows"),
+    ({"data.pack": True, "data.source": "pairs.jsonl", "data.pack_rows": 4}, "multiple of the data-parallel"),
+    ({"data.pack": True, "data.source": "pairs.jsonl", "data.pack_rows": 8, "data.row_length": 16},
+     "row_length=16 must be >= data.max_len"),
+    ({"data.pack": True, "data.source": "pairs.jsonl", "data.pack_rows": 8, "data.pack_overflow": "skip"},
+     "data.pack_overflow"),
 ])
 def test_config_errors_name_the_key_and_the_choices(changes, message):
     config = _config()
@@ -195,10 +203,51 @@ def test_a_loss_that_needs_scores_refuses_data_without_them(tmp_path):
         train.run(config, str(tmp_path))
 
 
+def _varied_pairs(path, n=48, seed=0):
+    """Chat pairs of very different lengths (most short, a few long): what packing is for."""
+    rng = np.random.default_rng(seed)
+    words = "the small model reads a short sentence and predicts the next word".split()
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            say = " ".join(words[j % len(words)] for j in range(int(min(60, rng.lognormal(1.2, 1.0))) + 1))
+            prompt = [{"role": "user", "content": " ".join(words[: 1 + i % 9])}]
+            f.write(json.dumps({"chosen": prompt + [{"role": "assistant", "content": say}],
+                                "rejected": prompt + [{"role": "assistant", "content": "no " + say}]}) + "\n")
+    return path
+
+
+def test_packed_rows_filled_by_token_budget_train_and_resume(tmp_path):
+    # data.pack with data.fill_rows: each step takes the pairs that fit 8 rows of 256 tokens
+    # (at most 16). Stopping after 2 steps and rerunning to 4 must give the uninterrupted losses:
+    # the data iterator's checkpoint includes the pair that did not fit the last batch.
+    data = _varied_pairs(tmp_path / "pairs.jsonl")
+    changes = {"model.hf_folder": str(FIXTURES / "hf" / "qwen2"), "data.source": str(data), "data.max_len": 128,
+               "data.batch_size": 16, "data.pack": True, "data.pack_rows": 8, "data.row_length": 256,
+               "data.fill_rows": True, "checkpoint.every": 2, "total_steps": 4}
+    straight = train.run(_config(**changes), str(tmp_path / "straight"))
+    train.run(_config(**{**changes, "total_steps": 2}), str(tmp_path / "resumed"))
+    resumed = train.run(_config(**changes), str(tmp_path / "resumed"))
+    assert straight["step"] == resumed["step"] == 4
+    want, got = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
+    assert sorted(got) == [1, 2, 3, 4] and all(np.isfinite(v) for v in want.values())
+    np.testing.assert_allclose([got[k] for k in range(1, 5)], [want[k] for k in range(1, 5)], rtol=1e-5)
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _run_two_processes(workdir, *overrides):
+    """prefjax.main as two jax.distributed processes on 127.0.0.1, one CPU device each."""
+    port = _free_port()
+    procs = [subprocess.Popen(_main(workdir, *overrides, f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                                    "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"),
+                              cwd=ROOT, env=_env(devices=1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for i in range(2)]
+    outputs = [p.communicate(timeout=300)[0].decode(errors="replace") for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
 
 
 @pytest.mark.slow
@@ -207,18 +256,27 @@ def test_two_processes_equal_one_process(tmp_path):
     one = tmp_path / "one"
     subprocess.run(_main(one, *common), cwd=ROOT, env=_env(devices=2), check=True, capture_output=True, timeout=300)
     two = tmp_path / "two"
-    port = _free_port()
-    procs = [subprocess.Popen(_main(two, *common, f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-                                    "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"),
-                              cwd=ROOT, env=_env(devices=1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for i in range(2)]
-    outputs = [p.communicate(timeout=300)[0].decode(errors="replace") for p in procs]
-    assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
+    _run_two_processes(two, *common)
     want, got = _losses(one), _losses(two)
     assert sorted(got) == sorted(want) == [1, 2, 3, 4]
     np.testing.assert_allclose([got[s] for s in want], [want[s] for s in want], rtol=1e-5)
     summary = json.loads((two / "summary.json").read_text())
     assert summary["step"] == 4
+
+
+@pytest.mark.slow
+def test_two_processes_fill_packed_rows_from_their_own_data(tmp_path):
+    # Each process packs its own half of the data by token budget: batch counts may differ per
+    # process, so the data repeats (num_epochs=None) and total_steps ends the run for both.
+    data = _varied_pairs(tmp_path / "pairs.jsonl")
+    common = [f"--config.model.hf_folder={FIXTURES / 'hf' / 'qwen2'}", f"--config.data.source={data}",
+              "--config.data.max_len=128", "--config.data.batch_size=16", "--config.data.pack=True",
+              "--config.data.pack_rows=4", "--config.data.row_length=256", "--config.data.fill_rows=True",
+              "--config.total_steps=3", "--config.mesh.data=2"]
+    two = tmp_path / "two"
+    _run_two_processes(two, *common)
+    losses = _losses(two)
+    assert sorted(losses) == [1, 2, 3] and all(np.isfinite(v) for v in losses.values())
 
 
 def test_resume_onto_a_different_mesh(tmp_path):

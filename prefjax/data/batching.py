@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from prefjax.data.packing import LayoutConfig, bucket_length, pack_sequences
+from prefjax.data.packing import LayoutConfig, RowFiller, bucket_length, pack_sequences
 from prefjax.data.tokenize import TokenizedExample
 
 ROW_KEYS = ("tokens", "positions", "segments", "loss_mask", "example_id", "response_id")
@@ -144,3 +144,34 @@ def pad_batch_length(batch: dict[str, np.ndarray], length: int, pad_id: int) -> 
     for key, value in fill.items():
         out[key] = np.pad(batch[key], ((0, 0), (0, length - current)), constant_values=value)
     return out
+
+
+def fill_groups(examples: Sequence[TokenizedExample], layout: LayoutConfig, batch_size: int,
+                num_responses: int, pad_id: int = 0) -> list[list[TokenizedExample]]:
+    """The examples, in order, in the groups that ``fill_packed_rows`` batches hold: each takes
+    examples until the next would not fit ``layout``'s packed rows (keeping room for the fillers
+    that complete it to ``batch_size``), at most ``batch_size``. An example that fits no empty
+    batch forms a group alone (build_batch then raises or drops it). The pipeline makes the same
+    groups one at a time (prefjax.data.pipeline, with resumable state)."""
+    if not layout.pack:
+        raise ValueError("fill_groups needs a packed layout")
+    filler = filler_example(examples[0].kind if examples else "pair", num_responses, pad_id)
+    rows = RowFiller(layout.packed_row_length, layout.pack_rows, batch_size, num_responses,
+                     max(filler.sequence_length(k) for k in range(num_responses)))
+    groups: list[list[TokenizedExample]] = []
+    group: list[TokenizedExample] = []
+    for example in examples:
+        lengths = [example.sequence_length(k) for k in range(num_responses)]
+        if not rows.fits(lengths) and group:
+            groups.append(group)
+            group = []
+            rows.reset()
+        if rows.fits(lengths):
+            rows.add(lengths)
+        group.append(example)
+        if not rows.count:  # alone and too long: a group of its own
+            groups.append(group)
+            group = []
+    if group:
+        groups.append(group)
+    return groups

@@ -127,35 +127,50 @@ def _first_fit(free: list[int], need: int) -> Optional[int]:
     return None
 
 
+def place_example(free: list[int], seq_lengths: Sequence[int], row_length: int, example: int = 0,
+                  ) -> Optional[tuple[list[int], list[Placement]]]:
+    """First-fit placement of one example's sequences into rows with ``free`` room left.
+
+    The example goes whole into the first row with room for all its sequences; if none has
+    (or it is longer than a row), each sequence goes first-fit on its own. Returns the rows'
+    room afterwards and the placements, or None when some sequence finds no room (``free``
+    is never modified).
+    """
+    trial = list(free)
+    mine: list[Placement] = []
+    total = sum(seq_lengths)
+    row = _first_fit(trial, total) if total <= row_length else None
+    for k, n in enumerate(seq_lengths):
+        r = row if row is not None else _first_fit(trial, n)
+        if r is None:
+            return None
+        mine.append(Placement(example, k, r, row_length - trial[r], n))
+        trial[r] -= n
+    return trial, mine
+
+
+def _check_row_fit(e: int, seq_lengths: Sequence[int], row_length: int) -> None:
+    if any(n > row_length for n in seq_lengths):
+        raise PackingOverflow(
+            f"example {e} has a sequence of {max(seq_lengths)} tokens, longer than a packed row ({row_length})"
+        )
+
+
 def pack_sequences(
     lengths: Sequence[Sequence[int]], row_length: int, num_rows: int, overflow: str = "error"
 ) -> tuple[list[Placement], list[int]]:
     """Place every example's sequences (``lengths[e][k]`` tokens) into ``num_rows`` rows.
 
-    Returns (placements, examples left out). An example goes whole into the first row with
-    room for all its sequences; if it is longer than a row, each sequence goes first-fit.
+    Returns (placements, examples left out); each example is placed by :func:`place_example`.
     With ``overflow="error"`` an example that does not fit raises :class:`PackingOverflow`.
     """
     free = [row_length] * num_rows
     placements: list[Placement] = []
     left_out: list[int] = []
     for e, seq_lengths in enumerate(lengths):
-        if any(n > row_length for n in seq_lengths):
-            raise PackingOverflow(
-                f"example {e} has a sequence of {max(seq_lengths)} tokens, longer than a packed "
-                f"row ({row_length})"
-            )
-        trial = list(free)
-        mine: list[Placement] = []
-        total = sum(seq_lengths)
-        row = _first_fit(trial, total) if total <= row_length else None
-        for k, n in enumerate(seq_lengths):
-            r = row if row is not None else _first_fit(trial, n)
-            if r is None:
-                break
-            mine.append(Placement(e, k, r, row_length - trial[r], n))
-            trial[r] -= n
-        if len(mine) < len(seq_lengths):
+        _check_row_fit(e, seq_lengths, row_length)
+        placed = place_example(free, seq_lengths, row_length, e)
+        if placed is None:
             if overflow == "error":
                 used = sum(row_length - f for f in free)
                 raise PackingOverflow(
@@ -165,9 +180,52 @@ def pack_sequences(
                 )
             left_out.append(e)
             continue
-        free = trial
+        free, mine = placed
         placements.extend(mine)
     return placements, left_out
+
+
+class RowFiller:
+    """Grows a batch example by example while it still fits ``num_rows`` packed rows.
+
+    The batches of ``fill_packed_rows``: :meth:`fits` places the next example first-fit, as
+    :func:`pack_sequences` will when the batch is built, and also keeps room for the filler
+    examples (``filler_length`` tokens per sequence) that complete the batch to
+    ``batch_size`` slots: fillers need rows too, so that no response is empty. Equal-sized
+    filler sequences fit exactly when the rows' room holds that many of them.
+    """
+
+    def __init__(self, row_length: int, num_rows: int, batch_size: int, num_responses: int,
+                 filler_length: int = 2):
+        self.row_length, self.num_rows, self.batch_size = row_length, num_rows, batch_size
+        self.num_responses, self.filler_length = num_responses, filler_length
+        self.reset()
+
+    def reset(self) -> None:
+        self.free = [self.row_length] * self.num_rows
+        self.count = 0
+
+    def _placed(self, seq_lengths: Sequence[int]) -> Optional[list[int]]:
+        if self.count >= self.batch_size:
+            return None
+        placed = place_example(self.free, seq_lengths, self.row_length)
+        if placed is None:
+            return None
+        free = placed[0]
+        fillers_left = (self.batch_size - self.count - 1) * self.num_responses
+        if sum(room // self.filler_length for room in free) < fillers_left:
+            return None
+        return free
+
+    def fits(self, seq_lengths: Sequence[int]) -> bool:
+        return self._placed(seq_lengths) is not None
+
+    def add(self, seq_lengths: Sequence[int]) -> None:
+        free = self._placed(seq_lengths)
+        if free is None:
+            raise PackingOverflow(f"an example of {list(seq_lengths)} tokens does not fit the rows left")
+        self.free = free
+        self.count += 1
 
 
 class PaddingStats:

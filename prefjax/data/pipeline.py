@@ -23,7 +23,12 @@ Stages (grain's Dataset API), in order:
    a final partial batch is completed with weight-0 filler examples. With finite epochs every
    process yields the same number of batches (ceil(ceil(N * epochs / P) / B)); a process
    that runs out early (fewer examples, or more dropped) yields all-filler batches, so
-   multi-process steps never hang.
+   multi-process steps never hang. With ``fill_packed_rows`` (packed layouts) a batch instead
+   takes examples, in order, until the next one would not fit its packed rows
+   (:class:`prefjax.data.packing.RowFiller`), at most ``batch_size``: batches are formed by
+   token budget (pack_rows x row_length), so short examples come many to a batch and the
+   rows hold almost no padding; the number of batches then depends on the data, so finite
+   epochs need one process.
 7. Prefetch ``prefetch_batches`` batches in a background thread.
 
 Counters (truncation, drops, padding waste, label flips) are in :meth:`Pipeline.stats`. They
@@ -49,8 +54,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from prefjax import sharding as sharding_lib
-from prefjax.data.batching import ROW_KEYS, build_batch, pad_batch_length
-from prefjax.data.packing import LayoutConfig, PaddingStats
+from prefjax.data.batching import ROW_KEYS, build_batch, filler_example, pad_batch_length
+from prefjax.data.packing import LayoutConfig, PaddingStats, RowFiller
 from prefjax.data.tokenize import (
     PreprocessError,
     RenderOptions,
@@ -76,6 +81,8 @@ class PipelineConfig:
     prefetch_batches: batches prepared ahead in a background thread (0: none).
     label_noise / label_noise_seed: fraction of examples whose preference is flipped.
     on_error: "error" raises on an example that cannot be tokenized; "drop" skips (counted).
+    fill_packed_rows: with a packed layout, batches take examples until the packed rows are
+      full (batch_size is then the most examples a batch can hold; module docstring, stage 6).
     """
 
     batch_size: int
@@ -88,6 +95,7 @@ class PipelineConfig:
     label_noise: float = 0.0
     label_noise_seed: Optional[int] = None
     on_error: str = "error"
+    fill_packed_rows: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -117,6 +125,8 @@ class DataConfig:
             )
         elif cap > self.layout.max_len:
             raise ValueError(f"truncation max_len {cap} exceeds the layout's max_len {self.layout.max_len}")
+        if self.pipeline.fill_packed_rows and not self.layout.pack:
+            raise ValueError("fill_packed_rows needs a packed layout (pack=True with pack_rows)")
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> "DataConfig":
@@ -287,6 +297,71 @@ class _PadToCount(grain.IterDataset):
         return f"_PadToCount(count={self._count})"
 
 
+class _FillRowsIterator(grain.DatasetIterator):
+    """Lists of examples that fill the packed rows (see :class:`_FillRows`).
+
+    The example that did not fit is held for the next batch; the saved state is the parent's
+    state from before that example was read, so a restored iterator reads it again.
+    """
+
+    def __init__(self, parent: grain.DatasetIterator, layout: LayoutConfig, batch_size: int,
+                 num_responses: int, filler_length: int):
+        super().__init__(parent)
+        self._filler = RowFiller(layout.packed_row_length, layout.pack_rows, batch_size, num_responses,
+                                 filler_length)
+        self._held: Optional[TokenizedExample] = None
+        self._state_before_held: Any = None
+
+    def __next__(self) -> list[TokenizedExample]:
+        self._filler.reset()
+        batch: list[TokenizedExample] = []
+        while True:
+            if self._held is not None:
+                example, self._held, state = self._held, None, self._state_before_held
+            else:
+                state = self._parent.get_state()
+                try:
+                    example = next(self._parent)
+                except StopIteration:
+                    if batch:
+                        return batch
+                    raise
+            lengths = [example.sequence_length(k) for k in range(example.num_responses)]
+            if self._filler.fits(lengths):
+                self._filler.add(lengths)
+                batch.append(example)
+            elif not batch:  # too long even alone: build_batch raises (or drops it, as configured)
+                batch.append(example)
+                return batch
+            else:
+                self._held, self._state_before_held = example, state
+                return batch
+
+    def get_state(self) -> dict[str, Any]:
+        if self._held is not None:
+            return {"parent": self._state_before_held}
+        return {"parent": self._parent.get_state()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self._held = None
+
+
+class _FillRows(grain.IterDataset):
+    """Groups examples into batches by packed-row capacity instead of by count."""
+
+    def __init__(self, parent: grain.IterDataset, layout: LayoutConfig, batch_size: int, num_responses: int,
+                 filler_length: int):
+        super().__init__(parent)
+        self._args = (layout, batch_size, num_responses, filler_length)
+
+    def __iter__(self) -> _FillRowsIterator:
+        return _FillRowsIterator(self._parent.__iter__(), *self._args)
+
+    def __str__(self) -> str:
+        return "_FillRows()"
+
+
 # ---------------------------------------------------------------------------
 # The pipeline
 # ---------------------------------------------------------------------------
@@ -341,9 +416,18 @@ class Pipeline:
             grain.ReadOptions(num_threads=pc.read_threads, prefetch_buffer_size=pc.read_buffer)
         )
         make_batch = _MakeBatch(config, self.kind, self.num_responses, self.pad_id, self.stats_counters)
-        iter_ds = iter_ds.batch(pc.batch_size, drop_remainder=False, batch_fn=make_batch)
         self.batches_per_process: Optional[int] = None
-        if pc.num_epochs is not None:
+        if pc.fill_packed_rows:
+            if pc.num_epochs is not None and self.shard_count > 1:
+                raise ValueError("fill_packed_rows gives each process as many batches as its data fills, so "
+                                 "processes would disagree on the step count: with several processes set "
+                                 "num_epochs=None (repeat) and stop after a number of steps")
+            filler = filler_example(self.kind, self.num_responses, self.pad_id)
+            iter_ds = _FillRows(iter_ds, config.layout, pc.batch_size, self.num_responses,
+                                max(filler.sequence_length(k) for k in range(self.num_responses))).map(make_batch)
+        else:
+            iter_ds = iter_ds.batch(pc.batch_size, drop_remainder=False, batch_fn=make_batch)
+        if pc.num_epochs is not None and not pc.fill_packed_rows:
             per_process = -(-self.num_examples * pc.num_epochs // self.shard_count)
             self.batches_per_process = -(-per_process // pc.batch_size)
             iter_ds = _PadToCount(iter_ds, self.batches_per_process, functools.partial(make_batch, []))

@@ -145,19 +145,21 @@ def _assert_same(a, b):
         np.testing.assert_array_equal(a[key], b[key])
 
 
-def test_resume_from_state_yields_the_same_next_batches():
-    source = _pairs(10)
-    cfg = _config(num_epochs=None)  # infinite: the state crosses epoch boundaries
-    pipe = Pipeline(source, TOKENIZER, cfg)
-    with _iterator(pipe) as it:
-        for _ in range(4):
+def _assert_resumes(source, cfg, skip, take):
+    """After `skip` batches, a fresh pipeline set to the iterator's state yields the same next `take`."""
+    with _iterator(Pipeline(source, TOKENIZER, cfg)) as it:
+        for _ in range(skip):
             next(it)
         state = it.get_state()
-        expected = [next(it) for _ in range(3)]
+        expected = [next(it) for _ in range(take)]
     with _iterator(Pipeline(source, TOKENIZER, cfg)) as resumed:
         resumed.set_state(state)
         for want in expected:
             _assert_same(next(resumed), want)
+
+
+def test_resume_from_state_yields_the_same_next_batches():
+    _assert_resumes(_pairs(10), _config(num_epochs=None), skip=4, take=3)  # infinite: crosses epochs
 
 
 def test_resume_through_orbax(tmp_path):
@@ -416,3 +418,112 @@ def test_two_real_processes_assemble_the_global_layout(tmp_path):
     t0 = [int(x) for x in lines[0].split()[-2:]]
     t1 = [int(x) for x in lines[1].split()[-2:]]
     assert t0[0] == t1[0] == max(t0[1], t1[1]) and t0[1] != t1[1]
+
+
+# --- batches by packed-row capacity (fill_packed_rows) ------------------------------------------
+
+
+def _skewed_pairs(n, seed=0):
+    """Pairs whose lengths vary a lot: most short, a few long (a length-skewed dataset)."""
+    rng = np.random.default_rng(seed)
+    rows = _pairs(n)
+    for i, row in enumerate(rows):
+        words = int(min(80, rng.lognormal(1.5, 1.0))) + 1
+        row["chosen"] = [{"role": "assistant", "content": " ".join(WORDS[j % len(WORDS)] for j in range(words))}]
+    return rows
+
+
+def _fill_config(**overrides):
+    values = dict(batch_size=32, max_len=128, pack=True, pack_rows=4, row_length=128, fill_packed_rows=True,
+                  shuffle=False, num_epochs=1)
+    values.update(overrides)
+    return _config(**values)
+
+
+def test_fill_packed_rows_batches_by_capacity_and_keeps_every_example_once():
+    source = _skewed_pairs(120)
+    batches = _collect(Pipeline(source, TOKENIZER, _fill_config()))
+    seen = [i for batch in batches for i in _ids(batch)]
+    assert seen == list(range(120))  # in order, each exactly once, none dropped
+    counts = [len(_ids(b)) for b in batches]
+    assert max(counts) <= 32 and len(set(counts)) > 1  # the number of examples per batch follows the lengths
+    for batch in batches:
+        assert batch["tokens"].shape == (4, 128) and batch["weight"].shape == (32,)
+        # every slot (real or filler) has both responses in the rows: no empty response
+        ids, resp = batch["example_id"], batch["response_id"]
+        present = {(int(e), int(k)) for e, k in zip(ids[batch["segments"] > 0], resp[batch["segments"] > 0])}
+        assert present == {(e, k) for e in range(32) for k in range(2)}
+    # a batch closes only when the next example would not fit: adding the next batch's first
+    # example to a (non-final) batch overflows its rows or its 32 slots
+    from prefjax.data.packing import PackingOverflow, pack_sequences
+    from prefjax.data.tokenize import tokenize_example as tok
+
+    lengths = {i: [tok(source[i], TOKENIZER).sequence_length(k) for k in range(2)] for i in range(120)}
+    for batch, following in zip(batches, batches[1:]):
+        members = _ids(batch) + [_ids(following)[0]]
+        fillers = [[2, 2]] * (32 - len(members))
+        with pytest.raises(PackingOverflow):
+            if len(members) > 32:
+                raise PackingOverflow("slots")
+            pack_sequences([lengths[i] for i in members] + fillers, 128, 4, "error")
+
+
+def test_fill_packed_rows_fills_more_of_the_rows_than_a_fixed_count():
+    source = _skewed_pairs(400, seed=1)
+
+    def real_fraction(cfg):
+        pipe = Pipeline(source, TOKENIZER, cfg)
+        _collect(pipe)
+        stats = pipe.stats()
+        return stats["padding/real_tokens"] / stats["padding/slots"]
+
+    # A fixed count of 16 pairs needs rows for its heaviest batch: the fewest rows of 512 that
+    # hold every batch (an oracle choice). Filling the same rows takes whatever fits instead
+    # (at most 24 pairs: slots for fillers cost rows too, so the bound stays near the typical fill).
+    from prefjax.data.packing import PackingOverflow
+
+    rows = 1
+    while True:
+        try:
+            fixed = real_fraction(_fill_config(fill_packed_rows=False, batch_size=16, pack_rows=rows, row_length=512))
+            break
+        except PackingOverflow:
+            rows += 1
+    filled = real_fraction(_fill_config(batch_size=24, pack_rows=rows, row_length=512))
+    assert filled > 0.9 and filled > fixed + 0.1, (rows, fixed, filled)
+
+
+def test_fill_packed_rows_resumes_from_state_with_the_held_example():
+    # The example that did not fit batch 3 is held for batch 4: the state must bring it back.
+    _assert_resumes(_skewed_pairs(60, seed=2), _fill_config(num_epochs=None, shuffle=True), skip=3, take=4)
+
+
+def test_fill_packed_rows_needs_packing_and_one_process_for_finite_epochs():
+    with pytest.raises(ValueError, match="needs a packed layout"):
+        _config(fill_packed_rows=True)
+    with pytest.raises(ValueError, match="processes would disagree"):
+        Pipeline(_pairs(8), TOKENIZER, _fill_config(), shard_index=0, shard_count=2)
+    # repeating data is fine with several processes: each makes batches as its data fills
+    batch = _collect(Pipeline(_pairs(8), TOKENIZER, _fill_config(num_epochs=None), shard_index=1, shard_count=2),
+                     limit=1)[0]
+    assert set(_ids(batch)) <= set(range(1, 8, 2))
+
+
+def test_row_filler_keeps_room_for_the_fillers():
+    from prefjax.data.packing import PackingOverflow, RowFiller
+
+    filler = RowFiller(row_length=10, num_rows=2, batch_size=3, num_responses=2)
+    # rows [10, 10] -> [2, 10]; the 2 fillers still to come need 4 sequences of 2: room for 1 + 5
+    assert filler.fits([4, 4])
+    filler.add([4, 4])
+    # [5, 5] would fill row 1 ([2, 0]): the last filler's 2 sequences would find room for 1
+    assert not filler.fits([5, 5])
+    assert filler.fits([3, 3])  # -> [2, 4]: room for 3 filler sequences, 2 needed
+    filler.add([3, 3])
+    assert not filler.fits([3, 3])  # fits no row whole; one 3 goes to row 1, the other finds no room
+    filler.add([1, 1])  # -> [0, 4], no filler left to place
+    assert filler.count == 3 and not filler.fits([1, 1])  # 3 examples is the batch size
+    with pytest.raises(PackingOverflow):
+        filler.add([1, 1])
+    filler.reset()
+    assert filler.count == 0 and filler.free == [10, 10]
