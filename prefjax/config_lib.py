@@ -176,8 +176,9 @@ def _check_model(config: ConfigDict) -> None:
         _fail("reward-model losses train a reward head on the full model; set lora.enabled=False")
     token_level = "chosen_token_kl" in spec.requires or "chosen_mask" in spec.requires
     layout = _mixing_layout(config)
-    if config.data.pack and config.data.share_prefix:
-        _fail("data.pack and data.share_prefix cannot both be set: shared-prefix rows hold one example each")
+    if config.data.fill_rows and config.data.share_prefix:
+        _fail("data.fill_rows and data.share_prefix cannot both be set: prefix-shared rows are packed from "
+              "batches of data.batch_size examples (data.pack with a fixed count)")
     if config.data.share_prefix and data_kind(config.loss_name) == "unpaired":
         _fail(f"data.share_prefix needs examples with several responses; loss {config.loss_name!r} reads "
               "single responses")

@@ -90,14 +90,17 @@ class PipelineStream:
 
 
 class SharedPrefixStream:
-    """Another stream's unpacked batches as prefix-shared rows (prefjax.data.prefix_sharing).
+    """Another stream's unpacked batches as prefix-shared rows (prefjax.data.prefix_sharing),
+    one example per row or, with `pack_rows`, packed several to a row.
 
-    For assembly across processes the rows behave like packed ones (one row per
-    example, example ids offset per process), hence `packed`.
+    For assembly across processes the rows behave like packed ones (example ids
+    offset per process), hence `packed`.
     """
 
-    def __init__(self, inner: Any, multiple: int = 64):
+    def __init__(self, inner: Any, multiple: int = 64, pack_rows: Optional[int] = None,
+                 row_length: Optional[int] = None):
         self.inner, self.multiple = inner, multiple
+        self.pack_rows, self.row_length = pack_rows, row_length
         self.num_responses, self.pad_id = inner.num_responses, inner.pad_id
         self.grain_iterator = inner.grain_iterator
         self.packed = True
@@ -107,7 +110,8 @@ class SharedPrefixStream:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        return prefix_sharing.share_prefixes(next(self.inner), self.num_responses, self.multiple, self.pad_id)
+        return prefix_sharing.share_prefixes(next(self.inner), self.num_responses, self.multiple, self.pad_id,
+                                             self.pack_rows, self.row_length)
 
     def state(self) -> dict[str, Any]:
         return self.inner.state()
@@ -149,11 +153,13 @@ def to_global(stream: Any, batch: dict[str, np.ndarray], mesh: Mesh, rules: Any 
 
 def data_config(data: ml_collections.ConfigDict, *, per_process_batch: int, seed: int,
                 num_epochs: Optional[int], shuffle: bool) -> pipeline_lib.DataConfig:
-    """The pipeline's DataConfig from the trainer's `config.data` section."""
-    mapping = dict(batch_size=per_process_batch, max_len=data.max_len, pack=data.pack, buckets=data.buckets,
+    """The pipeline's DataConfig from the trainer's `config.data` section (unpacked rows when
+    data.share_prefix packs: SharedPrefixStream packs the shared rows itself)."""
+    pack = data.pack and not data.share_prefix
+    mapping = dict(batch_size=per_process_batch, max_len=data.max_len, pack=pack, buckets=data.buckets,
                    seed=seed, shuffle=shuffle, num_epochs=num_epochs, label_noise=data.label_noise,
                    on_error=data.on_error, prompt_mode=data.prompt_mode, response_mode=data.response_mode)
-    if data.pack:
+    if pack:
         mapping.update(pack_rows=data.pack_rows, row_length=data.row_length, pack_overflow=data.pack_overflow,
                        fill_packed_rows=data.fill_rows)
     if data.max_prompt_len is not None:
@@ -172,6 +178,9 @@ def make_stream(config: ml_collections.ConfigDict, source_spec: str, *, kind: st
     if config.data.share_prefix:
         # Rows rounded to multiples of the bucket step (64 by default): few distinct shapes to compile.
         multiple = config.data.buckets if isinstance(config.data.buckets, int) else 64
+        if config.data.pack:
+            return SharedPrefixStream(stream, multiple=multiple, pack_rows=config.data.pack_rows,
+                                      row_length=config.data.row_length or config.data.max_len)
         return SharedPrefixStream(stream, multiple=multiple)
     return stream
 

@@ -56,6 +56,31 @@ def test_scored_tokens_are_never_shared_and_packed_input_is_refused():
         prefix_sharing.share_prefixes({k: v[:3] if v.ndim == 2 else v for k, v in batch.items()}, 2)
 
 
+def test_packed_blocks_share_rows_with_their_own_segments():
+    batch = _hand_batch()
+    # a third example (prompt [5 6], responses [3] / [4]) by widening the hand batch to 3 examples
+    wide = {k: np.concatenate([v[:2], np.zeros_like(v[:1]), v[2:], np.zeros_like(v[:1])]) if v.ndim == 2 and
+            v.shape[0] == 4 else v for k, v in batch.items()}
+    for row, response in ((2, 3), (5, 4)):
+        wide["tokens"][row, :3] = [5, 6, response]
+        wide["positions"][row] = np.arange(8)
+        wide["segments"][row, :3] = 1
+        wide["loss_mask"][row, 2] = 1
+        wide["example_id"][row, :3] = 2
+        wide["response_id"][row, :3] = 0 if row == 2 else 1
+    wide["weight"] = np.array([1.0, 0.0, 1.0], np.float32)
+    wide["scores"] = np.zeros((3, 2), np.float32)
+    out = prefix_sharing.share_prefixes(wide, 2, pack_rows=1, row_length=12)
+    assert out["tokens"].shape == (1, 12)  # 6 + 4 tokens in one row; the empty filler takes none
+    np.testing.assert_array_equal(out["tokens"][0], [5, 6, 7, 8, 9, 10, 5, 6, 3, 4, 0, 0])
+    np.testing.assert_array_equal(out["segments"][0], [1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 0, 0])
+    np.testing.assert_array_equal(out["example_id"][0], [0] * 6 + [2] * 4 + [-1, -1])
+    np.testing.assert_array_equal(out["branches"][0], [0, 0, 0, 1, 1, 2, 0, 0, 1, 2, 0, 0])
+    np.testing.assert_array_equal(out["positions"][0, :10], [0, 1, 2, 3, 4, 3, 0, 1, 2, 2])
+    with pytest.raises(prefix_sharing.PackingOverflow, match="raise data.pack_rows"):
+        prefix_sharing.share_prefixes(wide, 2, pack_rows=1, row_length=8)
+
+
 def test_padding_to_a_common_length_keeps_branches():
     out = prefix_sharing.share_prefixes(_hand_batch(), 2, multiple=4)
     longer = batching.pad_batch_length(out, 12, pad_id=0)
@@ -69,11 +94,15 @@ def tiny():
 
 
 @pytest.mark.parametrize("num_responses", [2, 3])
-def test_shared_rows_give_the_unpacked_log_probs(tiny, num_responses):
+@pytest.mark.parametrize("packed", [False, True])
+def test_shared_rows_give_the_unpacked_log_probs(tiny, num_responses, packed):
     cfg, graphdef, params = tiny
     batch = synthetic_batches.random_batch(4, num_responses, 40, cfg.vocab_size, seed=num_responses, fill=0.8)
-    shared = prefix_sharing.share_prefixes(batch, num_responses, multiple=16)
-    assert shared["tokens"].shape[1] < batch["tokens"].shape[1] * num_responses
+    pack = dict(pack_rows=2, row_length=80 * num_responses) if packed else {}
+    shared = prefix_sharing.share_prefixes(batch, num_responses, multiple=16, **pack)
+    if packed:  # several examples' blocks in one row
+        assert shared["tokens"].shape == (2, 80 * num_responses) and shared["segments"].max() >= 2
+    assert (shared["segments"] > 0).sum() < (batch["segments"] > 0).sum()  # each prompt once
     ref_params = jax.tree.map(lambda x: x * 1.01, params)
     out = {}
     for name, b, flag in (("unpacked", batch, False), ("shared", shared, True)):
@@ -86,10 +115,12 @@ def test_shared_rows_give_the_unpacked_log_probs(tiny, num_responses):
     np.testing.assert_array_equal(out["shared"].lengths, out["unpacked"].lengths)
 
 
-def test_shared_prefix_train_step_equals_the_unpacked_step(tiny):
+@pytest.mark.parametrize("packed", [False, True])
+def test_shared_prefix_train_step_equals_the_unpacked_step(tiny, packed):
     cfg, graphdef, params = tiny
     batch = synthetic_batches.random_batch(4, 2, 48, cfg.vocab_size, seed=7, fill=0.9)
-    shared = prefix_sharing.share_prefixes(batch, 2, multiple=16)
+    pack = dict(pack_rows=2, row_length=192) if packed else {}
+    shared = prefix_sharing.share_prefixes(batch, 2, multiple=16, **pack)
     tx = optax.sgd(1.0)  # params move by exactly the gradient: compared below
     results = {}
     for name, b, flag in (("unpacked", batch, False), ("shared", shared, True)):
@@ -158,12 +189,14 @@ def test_chat_template_pipeline_with_share_prefix_reproduces_the_unpacked_run(tm
     root = Path(__file__).parent
     source, folder = str(root / "fixtures/data/pairs_chat.jsonl"), str(root / "fixtures/hf/qwen2")
 
-    def config(share):
+    def config(share, pack=False):
         c = config_lib.trainer_config()
         c.model.hf_folder = folder
         c.total_steps, c.checkpoint.every, c.checkpoint.export_hf = 3, 3, False
         c.optimizer.warmup_steps = 0
         c.data.source, c.data.max_len, c.data.batch_size, c.data.share_prefix = source, 128, 8, share
+        if pack:  # the 8 examples' blocks (3 real, 5 fillers) packed into 8 rows of 256
+            c.data.pack, c.data.pack_rows, c.data.row_length = True, 8, 256
         return c
 
     from prefjax.models.tokenizer import load_tokenizer
@@ -174,16 +207,20 @@ def test_chat_template_pipeline_with_share_prefix_reproduces_the_unpacked_run(tm
     batch = next(stream)
     assert batch["tokens"].shape[0] == 8 and set(np.unique(batch["branches"])) <= {0, 1, 2}
     assert (batch["branches"] == 1).any() and (batch["branches"] == 2).any()
+    packed = next(data_streams.make_stream(config(True, pack=True), source, kind="pair", vocab_size=10**6,
+                                           tokenizer=tokenizer, train=True))
+    assert packed["tokens"].shape == (8, 256) and packed["segments"].max() >= 2
     losses = {}
-    for share in (True, False):
-        train.run(config(share), str(tmp_path / str(share)))
-        losses[share] = [m["loss"] for m in read_metrics(str(tmp_path / str(share) / "metrics.jsonl")) if "loss" in m]
-    assert len(losses[True]) == 3 and losses[True][-1] < losses[True][0]
-    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
+    for name, share, pack in (("shared", True, False), ("unpacked", False, False), ("packed", True, True)):
+        train.run(config(share, pack), str(tmp_path / name))
+        losses[name] = [m["loss"] for m in read_metrics(str(tmp_path / name / "metrics.jsonl")) if "loss" in m]
+    assert len(losses["shared"]) == 3 and losses["shared"][-1] < losses["shared"][0]
+    np.testing.assert_allclose(losses["shared"], losses["unpacked"], rtol=1e-4)
+    np.testing.assert_allclose(losses["packed"], losses["unpacked"], rtol=1e-4)
 
 
 @pytest.mark.parametrize("changes,match", [
-    (dict(pack=True, share_prefix=True), "cannot both be set"),
+    (dict(pack=True, pack_rows=8, fill_rows=True, share_prefix=True, source="pairs.jsonl"), "cannot both be set"),
     (dict(share_prefix=True, loss_name="kto"), "several responses"),
     (dict(share_prefix=True, loss_name="tdpo2"), "share_prefix=False"),
 ])
