@@ -144,12 +144,18 @@ def _gated_mlp_fwd(activation, x, w_gate, w_up, w_down):
 
 def _gated_mlp_bwd(activation, residuals, d_out):
     x, gate, up, w_gate, w_up, w_down = residuals
-    # The barrier keeps XLA from merging the recomputation below with the forward's (which
-    # would keep the forward's act(gate) and hidden product alive until here after all).
+    d_hidden = jnp.einsum("btd,fd->btf", d_out, w_down)
+    # The recomputation must not start before this layer's backward: computed from the saved
+    # gate alone, XLA schedules act(gate) and the (transposed) hidden product of every layer
+    # right after the forward and keeps them alive through the whole backward, undoing the
+    # saving. XLA CPU drops optimization barriers before scheduling, so the dependency is made
+    # real: gate + 0 * d_hidden equals gate (NaN/inf in d_hidden make d_gate NaN/inf anyway)
+    # and fuses into the elementwise pass that reads gate. The barrier still keeps the
+    # recomputation from being merged with the forward's where barriers survive.
     gate, up = jax.lax.optimization_barrier((gate, up))
+    gate = gate + (d_hidden * jnp.zeros((), d_hidden.dtype)).astype(gate.dtype)
     act, act_vjp = jax.vjp(_ACTIVATIONS[activation], gate)
     hidden = act * up
-    d_hidden = jnp.einsum("btd,fd->btf", d_out, w_down)
     d_gate = act_vjp(d_hidden * up)[0]
     d_up = d_hidden * act
     d_x = jnp.einsum("btf,df->btd", d_gate, w_gate) + jnp.einsum("btf,df->btd", d_up, w_up)

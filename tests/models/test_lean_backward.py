@@ -70,3 +70,27 @@ def test_backward_keeps_only_x_gate_and_up():
     # autodiff of the plain expression keeps more [tokens, F] arrays (hidden product, sigmoid, activation)
     plain = _saved_shapes(lambda *a: jnp.sum(_plain_mlp("silu", *a)), *args)
     assert plain.count((3, 7, 20)) > 2
+
+
+def test_compiled_backward_recomputes_late():
+    # JAX-level residuals are not the whole story: XLA schedules the backward's recomputation
+    # (act(gate), the hidden product and its transpose) as soon as its inputs exist, and if
+    # those are only the saved gate and up it runs right after the forward, keeping 2 more
+    # [tokens, F] arrays per layer alive through the backward. The compiled program's
+    # temporaries must stay below saved (x, gate, up per layer) + one layer's worth of
+    # transients: halfway to what the early schedule needs.
+    n_layers, tokens, d, f = 8, 2048, 16, 256
+    keys = jax.random.split(jax.random.key(0), 3 * n_layers + 1)
+    x = jax.random.normal(keys[0], (1, tokens, d))
+    weights = [(jax.random.normal(keys[3 * i + 1], (d, f)) / 4, jax.random.normal(keys[3 * i + 2], (d, f)) / 4,
+                jax.random.normal(keys[3 * i + 3], (f, d)) / 16) for i in range(n_layers)]
+
+    def loss(ws, h):
+        for w_gate, w_up, w_down in ws:
+            h = h + layers.gated_mlp("silu", h, w_gate, w_up, w_down)
+        return jnp.sum(h * h)
+
+    temp = jax.jit(jax.grad(loss)).lower(weights, x).compile().memory_analysis().temp_size_in_bytes
+    per_token_floats = temp / (tokens * 4)
+    saved = n_layers * (d + 2 * f)
+    assert per_token_floats < saved + n_layers * f, (per_token_floats, saved)
