@@ -144,13 +144,15 @@ def resolve_implementation(requested: Optional[str], length: Optional[int] = Non
 def dot_product_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_BxTxS: Array, *,
                           scale: float, logit_softcap: Optional[float],
                           implementation: Optional[str] = None, block_size: Optional[int] = None,
-                          causal_rows: bool = False) -> Array:
+                          causal_rows: bool = False,
+                          layout: Optional[cpu_attention.TokenLayout] = None) -> Array:
     """Softmax attention with GQA through the configured implementation.
 
     `causal_rows` says the mask already excludes keys later in the row (a
     forward without a cache), which the blocked and flash paths need; without
     it they fall back to plain einsum attention. `block_size` None takes each
-    path's measured default.
+    path's measured default. `layout` (self-attention without a cache) is what
+    the mask was made of; the fused CPU kernel then reads it instead of the mask.
     """
     self_attention = causal_rows and q_BxTxNxH.shape[1] == k_BxSxKxH.shape[1]
     def fused_supported() -> bool:
@@ -164,7 +166,10 @@ def dot_product_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, 
                 f"{cpu_attention.SUPPORTED_HEAD_DIMS}, no logit soft-cap and a C++ compiler "
                 f"(got dtype {q_BxTxNxH.dtype}, head_dim {q_BxTxNxH.shape[-1]}, softcap {logit_softcap}, "
                 f"KV cache {not self_attention}; kernel: {cpu_attention.unavailable_reason() or 'built'})")
-        return cpu_attention.fused_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, scale=scale)
+        # With the layout the mask is made of, the kernel builds the tiles it reads and the
+        # [B, T, S] mask is never materialised (XLA drops it when nothing else reads it).
+        return cpu_attention.fused_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH,
+                                             mask_BxTxS if layout is None else layout, scale=scale)
     if implementation in ("blocked", "flash") or logit_softcap is not None:
         if not self_attention:
             return einsum_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, scale=scale,
@@ -253,8 +258,12 @@ class Attention(nnx.Module):
             if cache is None:
                 mask = index_causal(mask)
             implementation = None if self.implementation == "splash" else self.implementation
+            layout = None
+            if cache is None:
+                branches = jnp.zeros_like(segments_BxT) if branches_BxT is None else branches_BxT
+                layout = cpu_attention.TokenLayout(positions_BxT, segments_BxT, branches, self.window)
             out = dot_product_attention(q, k, v, mask, scale=self.scale, logit_softcap=self.logit_softcap,
                                         implementation=implementation, block_size=self.block_size,
-                                        causal_rows=cache is None)
+                                        causal_rows=cache is None, layout=layout)
         out = jnp.einsum("btnh,nhd->btd", out, self.o[...].astype(self.dtype))
         return out, cache

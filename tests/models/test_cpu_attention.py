@@ -55,6 +55,86 @@ def _layout(t: int, b: int, seed: int, window=None):
     return mask, segments != 0
 
 
+def _token_layout(t: int, b: int, seed: int, window=None, shared=False):
+    """Random per-token layout (as `_layout`, optionally with prefix-shared branches) and its dense mask."""
+    rng = np.random.default_rng(seed)
+    positions = np.tile(np.arange(t), (b, 1)).astype(np.int32)
+    segments = np.ones((b, t), np.int32)
+    branches = np.zeros((b, t), np.int32)
+    segments[0, t - t // 4:] = 0
+    for row in range(1, b):
+        start, seg = 0, 1
+        while start < t - 2:
+            length = int(rng.integers(2, max(3, t // 2)))
+            end = min(t, start + length)
+            segments[row, start:end] = seg
+            positions[row, start:end] = np.arange(end - start)
+            if shared and end - start >= 6:  # prompt, then two responses continuing its positions
+                p = (end - start) // 3
+                r0 = (end - start - p) // 2
+                branches[row, start + p:start + p + r0] = 1
+                branches[row, start + p + r0:end] = 2
+                positions[row, start + p + r0:end] = p + np.arange(end - start - p - r0)
+            start, seg = end, seg + 1
+        segments[row, start:] = 0
+    layout = cpu_attention.TokenLayout(jnp.asarray(positions), jnp.asarray(segments), jnp.asarray(branches), window)
+    mask = attention.index_causal(attention.attention_mask(layout.positions, layout.segments, layout.positions,
+                                                           layout.segments, window, layout.branches))
+    return layout, mask
+
+
+@pytest.mark.parametrize("t,window,shared", [(100, None, False), (150, 40, False), (140, None, True),
+                                             (200, 50, True)])
+def test_token_layout_equals_its_dense_mask(t, window, shared):
+    # The layout handlers build each tile's mask in the kernel; values and gradients must equal
+    # the dense-mask handlers' (the same tiles, so the same arithmetic: equal to rounding).
+    layout, mask = _token_layout(t, 4, seed=t, window=window, shared=shared)
+    q, k, v = _qkv(4, t, 4, 2, 32, seed=t)
+    weights = jax.random.normal(jax.random.key(1), q.shape)
+
+    def run(m):
+        f = lambda q, k, v: cpu_attention.fused_attention(q, k, v, m, scale=0.2)  # noqa: E731
+        return f(q, k, v), jax.grad(lambda *a: jnp.sum(f(*a) * weights), argnums=(0, 1, 2))(q, k, v)
+
+    (out_l, grads_l), (out_d, grads_d) = run(layout), run(mask)
+    np.testing.assert_allclose(out_l, out_d, rtol=1e-6, atol=1e-6)
+    for a, b in zip(grads_l, grads_d):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    assert float(jnp.abs(out_l).max()) > 0.1 and not np.allclose(np.asarray(grads_l[1]), 0)
+
+
+def test_token_layout_keeps_the_t_by_t_mask_out_of_the_program():
+    t, b = 1024, 2
+    layout, _ = _token_layout(t, b, seed=9)
+    q, k, v = _qkv(b, t, 1, 1, 16, seed=9)
+
+    def temp_bytes(make_mask):
+        def loss(q, k, v, positions, segments, branches):
+            parts = cpu_attention.TokenLayout(positions, segments, branches)
+            m = make_mask(parts)
+            return jnp.sum(cpu_attention.fused_attention(q, k, v, m, scale=0.25) ** 2)
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+        compiled = grad.lower(q, k, v, layout.positions, layout.segments, layout.branches).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    dense = temp_bytes(lambda parts: attention.index_causal(attention.attention_mask(
+        parts.positions, parts.segments, parts.positions, parts.segments, None, parts.branches)))
+    compact = temp_bytes(lambda parts: parts)
+    assert dense >= b * t * t and compact < b * t * t // 4, (dense, compact)
+
+
+def test_token_layout_on_a_batch_sharded_mesh():
+    layout, _ = _token_layout(70, 8, seed=3, window=30, shared=True)
+    q, k, v = _qkv(8, 70, 4, 2, 16, seed=3)
+    grad = jax.grad(lambda q, k, v: jnp.sum(cpu_attention.fused_attention(q, k, v, layout, scale=0.25) ** 2),
+                    argnums=(0, 1, 2))
+    single = grad(q, k, v)
+    with sharding.use_mesh(sharding.make_mesh({"data": 4, "fsdp": 2})):
+        sharded = jax.jit(grad)(q, k, v)
+    for a, b in zip(single, sharded):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
 def _qkv(b, t, n, kv, h, seed, spread=1.0):
     keys = jax.random.split(jax.random.key(seed), 3)
     return (spread * jax.random.normal(keys[0], (b, t, n, h)), spread * jax.random.normal(keys[1], (b, t, kv, h)),

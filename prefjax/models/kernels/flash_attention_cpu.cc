@@ -14,15 +14,20 @@
 //   dQ = dS K scale,  dK = dS^T (Q scale).
 //
 // Layouts (row-major): q [B, T, N, H], k and v [B, T, KV, H] (GQA: query head n uses
-// kv head n / (N / KV)), mask [B, T, T] bool (true = may attend; it must exclude keys
-// later than the query, which lets whole tiles above the diagonal be skipped), out
-// [B, T, N, H], lse [B, N, T]. float32 only; H a multiple of 16 up to 256.
-// Fully masked query rows (padding) get output 0 and gradient 0.
+// kv head n / (N / KV)), out [B, T, N, H], lse [B, N, T]. float32 only; H a multiple of
+// 16 up to 256. Which keys a query sees comes either as a mask [B, T, T] bool (true = may
+// attend; it must exclude keys later than the query, which lets whole tiles above the
+// diagonal be skipped), or, in the "layout" handlers, as per-token positions, segment ids
+// and branches [B, T] int32 plus a sliding window (prefjax.models.attention.attention_mask
+// and index_causal, computed here): then no [B, T, T] array exists anywhere, and each work
+// item builds only the mask tiles it reads. Fully masked query rows (padding) get output 0
+// and gradient 0.
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <climits>
 #include <cstring>
 #include <functional>
 #include <limits>
@@ -130,33 +135,77 @@ struct Dims {
 
 enum class Visibility { kNone, kPartial, kAll };
 
-// Rows [q0, q0 + 64) against keys [k0, k0 + 64) of batch row b: may no pair attend, some,
-// or every (real) query every key? Fully visible tiles skip the per-element mask; a tile
-// reaching past the sequence's end is never fully visible (its padding keys must be masked).
-Visibility tile_visibility(const uint8_t* mask, const Dims& d, int64_t b, int64_t q0, int64_t k0) {
+// Where the kernel learns which keys each query sees: a dense [B, T, T] mask, or the
+// per-token layout the mask is made of (see the file comment). Key k is visible to query
+// q when k <= q, both are in the same segment (not 0), 0 <= pos[q] - pos[k] < window, and
+// the key's branch is 0 (shared prefix) or the query's.
+struct MaskSource {
+  const uint8_t* dense = nullptr;
+  const int32_t* positions = nullptr;
+  const int32_t* segments = nullptr;
+  const int32_t* branches = nullptr;
+  int64_t window = 0;  // > 0: a key at most window - 1 positions back
+};
+
+// A view of mask bytes: row q, key k at base[(q - q_origin) * stride + (k - k_origin)].
+struct MaskRef {
+  const uint8_t* base;
+  int64_t stride, q_origin, k_origin;
+  const uint8_t* row(int64_t q, int64_t k0) const { return base + (q - q_origin) * stride + (k0 - k_origin); }
+};
+
+// The view of batch row b's mask over queries [q_lo, q_hi) and keys [k_lo, k_hi): the dense
+// mask itself, or those bytes computed from the layout into `local` (0 past the sequence end).
+MaskRef mask_view(const MaskSource& src, const Dims& d, int64_t b, int64_t q_lo, int64_t q_hi, int64_t k_lo,
+                  int64_t k_hi, std::vector<uint8_t>& local) {
+  if (src.dense != nullptr) return {src.dense + b * d.length * d.length, d.length, 0, 0};
+  const int64_t cols = k_hi - k_lo;
+  local.assign((q_hi - q_lo) * cols, 0);
+  const int32_t* pos = src.positions + b * d.length;
+  const int32_t* seg = src.segments + b * d.length;
+  const int32_t* br = src.branches + b * d.length;
+  const int32_t window = src.window > 0 ? static_cast<int32_t>(std::min<int64_t>(src.window, INT32_MAX)) : INT32_MAX;
+  for (int64_t q = q_lo; q < std::min(q_hi, d.length); ++q) {
+    const int32_t sq = seg[q], pq = pos[q], bq = br[q];
+    if (sq == 0) continue;  // a padding query sees nothing
+    uint8_t* out = local.data() + (q - q_lo) * cols;
+    const int64_t end = std::min({k_hi, d.length, q + 1});
+    // Branch-free, so that the compiler vectorises it: the same rule as MaskSource::visible.
+    for (int64_t k = k_lo; k < end; ++k) {
+      const int32_t delta = pq - pos[k];
+      out[k - k_lo] = (seg[k] == sq) & (delta >= 0) & (delta < window) & ((br[k] == 0) | (br[k] == bq));
+    }
+  }
+  return {local.data(), cols, q_lo, k_lo};
+}
+
+// Rows [q0, q0 + 64) against keys [k0, k0 + 64): may no pair attend, some, or every (real)
+// query every key? Fully visible tiles skip the per-element mask; a tile reaching past the
+// sequence's end is never fully visible (its padding keys must be masked).
+Visibility tile_visibility(const MaskRef& mask, const Dims& d, int64_t q0, int64_t k0) {
   const int64_t rows = std::min<int64_t>(kBlock, d.length - q0), cols = std::min<int64_t>(kBlock, d.length - k0);
   int any = 0, all = cols == kBlock;
   for (int64_t r = 0; r < rows; ++r) {
-    const uint8_t* row = mask + (b * d.length + q0 + r) * d.length + k0;
+    const uint8_t* row = mask.row(q0 + r, k0);
     for (int64_t c = 0; c < cols; ++c) { any |= row[c]; all &= row[c]; }
   }
   return !any ? Visibility::kNone : all ? Visibility::kAll : Visibility::kPartial;
 }
 
 // The tile's mask transposed (out[j * 64 + r] = may query q0 + r see key k0 + j), 0 past the end.
-void mask_tile_transposed(const uint8_t* mask, const Dims& d, int64_t b, int64_t q0, int64_t k0, uint8_t* out) {
+void mask_tile_transposed(const MaskRef& mask, const Dims& d, int64_t q0, int64_t k0, uint8_t* out) {
   std::memset(out, 0, kBlock * kBlock);
   const int64_t rows = std::min<int64_t>(kBlock, d.length - q0), cols = std::min<int64_t>(kBlock, d.length - k0);
   for (int64_t r = 0; r < rows; ++r) {
-    const uint8_t* row = mask + (b * d.length + q0 + r) * d.length + k0;
+    const uint8_t* row = mask.row(q0 + r, k0);
     for (int64_t c = 0; c < cols; ++c) out[c * kBlock + r] = row[c];
   }
 }
 
 // One mask row of a tile, padded with "masked" past the end of the sequence.
-void mask_row(const uint8_t* mask, const Dims& d, int64_t b, int64_t q, int64_t k0, uint8_t* out) {
+void mask_row(const MaskRef& mask, const Dims& d, int64_t q, int64_t k0, uint8_t* out) {
   const int64_t cols = std::min<int64_t>(kBlock, d.length - k0);
-  std::memcpy(out, mask + (b * d.length + q) * d.length + k0, cols);
+  std::memcpy(out, mask.row(q, k0), cols);
   std::memset(out + cols, 0, kBlock - cols);
 }
 
@@ -205,10 +254,12 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, const std::function<void(int
 }
 
 template <int H>
-void forward_item(const float* q, const float* k, const float* v, const uint8_t* mask, float scale,
+void forward_item(const float* q, const float* k, const float* v, const MaskSource& source, float scale,
                   const Dims& d, int64_t item, float* out, float* lse) {
   const int64_t qb = item % d.blocks, kh = (item / d.blocks) % d.kv_heads, b = item / (d.blocks * d.kv_heads);
   const int64_t q0 = qb * kBlock, rows = std::min<int64_t>(kBlock, d.length - q0);
+  std::vector<uint8_t> local;
+  const MaskRef mask = mask_view(source, d, b, q0, q0 + kBlock, 0, (qb + 1) * kBlock, local);
   Dims visible_dims = d;
   visible_dims.blocks = qb + 1;  // causal: only key blocks up to this query block
   std::vector<float> k_rows((qb + 1) * kBlock * H), kt((qb + 1) * kBlock * H), v_rows((qb + 1) * kBlock * H);
@@ -231,14 +282,14 @@ void forward_item(const float* q, const float* k, const float* v, const uint8_t*
     std::memset(acc, 0, sizeof acc);
     for (int64_t kb = 0; kb <= qb; ++kb) {
       const int64_t k0 = kb * kBlock;
-      const Visibility seen = tile_visibility(mask, d, b, q0, k0);
+      const Visibility seen = tile_visibility(mask, d, q0, k0);
       if (seen == Visibility::kNone) continue;
       tile_abt<H>(qs, kt.data() + kb * kBlock * H, s);
       for (int64_t r = 0; r < kBlock; ++r) {
         float* srow = s + r * kBlock;
         if (r >= rows) { std::memset(srow, 0, kBlock * sizeof(float)); continue; }
         if (seen == Visibility::kAll) std::memset(mrow, 1, kBlock);
-        else mask_row(mask, d, b, q0 + r, k0, mrow);
+        else mask_row(mask, d, q0 + r, k0, mrow);
         vf tile_max = splat(kNegInf);
         for (int c = 0; c < kBlock; c += kLanes) {
           const vf x = load(srow + c);
@@ -270,7 +321,7 @@ void forward_item(const float* q, const float* k, const float* v, const uint8_t*
 }
 
 template <int H>
-void backward_item(const float* q, const float* k, const float* v, const uint8_t* mask, const float* out,
+void backward_item(const float* q, const float* k, const float* v, const MaskSource& source, const float* out,
                    const float* lse, const float* d_out, float scale, const Dims& d, int64_t item,
                    float* dq, float* dk, float* dv) {
   // Works on transposed tiles (keys down, queries across: S^T = K (Q scale)^T, dP^T = V dO^T)
@@ -285,6 +336,11 @@ void backward_item(const float* q, const float* k, const float* v, const uint8_t
   gather_head(v, d, d.kv_heads, b, kh, 1.0f, v_rows.data());
   alignas(64) float pt[kBlock * kBlock], dst[kBlock * kBlock];
   alignas(64) uint8_t mt[kBlock * kBlock];
+  // Per key block, the mask column [queries from k0 on, keys k0 .. k0 + 63], built once for all heads.
+  std::vector<std::vector<uint8_t>> local(d.blocks);
+  std::vector<MaskRef> masks;
+  for (int64_t kb = 0; kb < d.blocks; ++kb)
+    masks.push_back(mask_view(source, d, b, kb * kBlock, padded, kb * kBlock, (kb + 1) * kBlock, local[kb]));
   for (int64_t g = 0; g < d.group(); ++g) {
     const int64_t n = kh * d.group() + g;
     gather_head(q, d, d.heads, b, n, scale, qs.data());
@@ -301,13 +357,14 @@ void backward_item(const float* q, const float* k, const float* v, const uint8_t
     std::fill(dq_rows.begin(), dq_rows.end(), 0.0f);
     for (int64_t kb = 0; kb < d.blocks; ++kb) {
       const int64_t k0 = kb * kBlock;
+      const MaskRef& mask = masks[kb];
       for (int64_t qb = kb; qb < d.blocks; ++qb) {
         const int64_t q0 = qb * kBlock;
-        const Visibility seen = tile_visibility(mask, d, b, q0, k0);
+        const Visibility seen = tile_visibility(mask, d, q0, k0);
         if (seen == Visibility::kNone) continue;
         tile_abt<H>(k_rows.data() + k0 * H, qst.data() + q0 * H, pt);
         tile_abt<H>(v_rows.data() + k0 * H, dot.data() + q0 * H, dst);
-        if (seen == Visibility::kPartial) mask_tile_transposed(mask, d, b, q0, k0, mt);
+        if (seen == Visibility::kPartial) mask_tile_transposed(mask, d, q0, k0, mt);
         for (int64_t j = 0; j < kBlock; ++j) {
           float* prow = pt + j * kBlock;
           float* dsrow = dst + j * kBlock;
@@ -353,8 +410,8 @@ bool with_head_dim(int64_t h, Body&& body) {
 
 ffi::Error check_dims(ffi::Span<const int64_t> q, ffi::Span<const int64_t> k, ffi::Span<const int64_t> v,
                       ffi::Span<const int64_t> mask, Dims* d) {
-  if (q.size() != 4 || k.size() != 4 || v.size() != 4 || mask.size() != 3)
-    return ffi::Error::InvalidArgument("prefjax fused attention: expected q, k, v of rank 4 and a rank-3 mask");
+  if (q.size() != 4 || k.size() != 4 || v.size() != 4)
+    return ffi::Error::InvalidArgument("prefjax fused attention: expected q, k, v of rank 4");
   d->batch = q[0]; d->length = q[1]; d->heads = q[2]; d->head_dim = q[3]; d->kv_heads = k[2];
   d->blocks = (d->length + kBlock - 1) / kBlock;
   for (int i = 0; i < 4; ++i)
@@ -362,23 +419,26 @@ ffi::Error check_dims(ffi::Span<const int64_t> q, ffi::Span<const int64_t> k, ff
       return ffi::Error::InvalidArgument("prefjax fused attention: q, k, v shapes disagree");
   if (d->kv_heads <= 0 || d->heads % d->kv_heads)
     return ffi::Error::InvalidArgument("prefjax fused attention: query heads not a multiple of kv heads");
-  if (mask[0] != d->batch || mask[1] != d->length || mask[2] != d->length)
+  if (mask.size() == 3 && (mask[0] != d->batch || mask[1] != d->length || mask[2] != d->length))
     return ffi::Error::InvalidArgument("prefjax fused attention: mask must be [B, T, T]");
+  if (mask.size() == 2 && (mask[0] != d->batch || mask[1] != d->length))
+    return ffi::Error::InvalidArgument("prefjax fused attention: positions, segments, branches must be [B, T]");
+  if (mask.size() != 2 && mask.size() != 3)
+    return ffi::Error::InvalidArgument("prefjax fused attention: expected a [B, T, T] mask or a [B, T] layout");
   return ffi::Error::Success();
 }
 
-ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                   ffi::Buffer<ffi::PRED> mask, float scale, ffi::ResultBuffer<ffi::F32> out,
-                   ffi::ResultBuffer<ffi::F32> lse) {
+ffi::Error RunForward(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k,
+                      ffi::Buffer<ffi::F32>& v, ffi::Span<const int64_t> mask_dims, const MaskSource& source,
+                      float scale, ffi::ResultBuffer<ffi::F32>& out, ffi::ResultBuffer<ffi::F32>& lse) {
   Dims d;
-  if (ffi::Error e = check_dims(q.dimensions(), k.dimensions(), v.dimensions(), mask.dimensions(), &d); e.failure())
+  if (ffi::Error e = check_dims(q.dimensions(), k.dimensions(), v.dimensions(), mask_dims, &d); e.failure())
     return e;
-  const auto* m = reinterpret_cast<const uint8_t*>(mask.typed_data());
   bool ok = with_head_dim(d.head_dim, [&]<int H>() {
     parallel_for(pool, d.batch * d.kv_heads * d.blocks, [&](int64_t item) {
       // Largest query blocks first (they see the most keys), so the last items are short.
       const int64_t qb = d.blocks - 1 - item % d.blocks, rest = item / d.blocks;
-      forward_item<H>(q.typed_data(), k.typed_data(), v.typed_data(), m, scale, d, rest * d.blocks + qb,
+      forward_item<H>(q.typed_data(), k.typed_data(), v.typed_data(), source, scale, d, rest * d.blocks + qb,
                       out->typed_data(), lse->typed_data());
     });
   });
@@ -386,22 +446,72 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
   return ffi::Error::Success();
 }
 
-ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                    ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
-                    ffi::Buffer<ffi::F32> d_out, float scale, ffi::ResultBuffer<ffi::F32> dq,
-                    ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
+ffi::Error RunBackward(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k,
+                       ffi::Buffer<ffi::F32>& v, ffi::Span<const int64_t> mask_dims, const MaskSource& source,
+                       ffi::Buffer<ffi::F32>& out, ffi::Buffer<ffi::F32>& lse, ffi::Buffer<ffi::F32>& d_out,
+                       float scale, ffi::ResultBuffer<ffi::F32>& dq, ffi::ResultBuffer<ffi::F32>& dk,
+                       ffi::ResultBuffer<ffi::F32>& dv) {
   Dims d;
-  if (ffi::Error e = check_dims(q.dimensions(), k.dimensions(), v.dimensions(), mask.dimensions(), &d); e.failure())
+  if (ffi::Error e = check_dims(q.dimensions(), k.dimensions(), v.dimensions(), mask_dims, &d); e.failure())
     return e;
-  const auto* m = reinterpret_cast<const uint8_t*>(mask.typed_data());
   bool ok = with_head_dim(d.head_dim, [&]<int H>() {
     parallel_for(pool, d.batch * d.kv_heads, [&](int64_t item) {
-      backward_item<H>(q.typed_data(), k.typed_data(), v.typed_data(), m, out.typed_data(), lse.typed_data(),
+      backward_item<H>(q.typed_data(), k.typed_data(), v.typed_data(), source, out.typed_data(), lse.typed_data(),
                        d_out.typed_data(), scale, d, item, dq->typed_data(), dk->typed_data(), dv->typed_data());
     });
   });
   if (!ok) return ffi::Error::InvalidArgument("prefjax fused attention: unsupported head_dim " + std::to_string(d.head_dim));
   return ffi::Error::Success();
+}
+
+MaskSource dense_source(ffi::Buffer<ffi::PRED>& mask) {
+  MaskSource source;
+  source.dense = reinterpret_cast<const uint8_t*>(mask.typed_data());
+  return source;
+}
+
+MaskSource layout_source(ffi::Buffer<ffi::S32>& positions, ffi::Buffer<ffi::S32>& segments,
+                         ffi::Buffer<ffi::S32>& branches, int64_t window) {
+  MaskSource source;
+  source.positions = positions.typed_data();
+  source.segments = segments.typed_data();
+  source.branches = branches.typed_data();
+  source.window = window;
+  return source;
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                   ffi::Buffer<ffi::PRED> mask, float scale, ffi::ResultBuffer<ffi::F32> out,
+                   ffi::ResultBuffer<ffi::F32> lse) {
+  return RunForward(pool, q, k, v, mask.dimensions(), dense_source(mask), scale, out, lse);
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                    ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
+                    ffi::Buffer<ffi::F32> d_out, float scale, ffi::ResultBuffer<ffi::F32> dq,
+                    ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
+  return RunBackward(pool, q, k, v, mask.dimensions(), dense_source(mask), out, lse, d_out, scale, dq, dk, dv);
+}
+
+ffi::Error LayoutForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                         ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> positions, ffi::Buffer<ffi::S32> segments,
+                         ffi::Buffer<ffi::S32> branches, float scale, int64_t window,
+                         ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
+  if (segments.dimensions() != positions.dimensions() || branches.dimensions() != positions.dimensions())
+    return ffi::Error::InvalidArgument("prefjax fused attention: positions, segments, branches shapes differ");
+  return RunForward(pool, q, k, v, positions.dimensions(), layout_source(positions, segments, branches, window),
+                    scale, out, lse);
+}
+
+ffi::Error LayoutBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                          ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> positions, ffi::Buffer<ffi::S32> segments,
+                          ffi::Buffer<ffi::S32> branches, ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
+                          ffi::Buffer<ffi::F32> d_out, float scale, int64_t window, ffi::ResultBuffer<ffi::F32> dq,
+                          ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
+  if (segments.dimensions() != positions.dimensions() || branches.dimensions() != positions.dimensions())
+    return ffi::Error::InvalidArgument("prefjax fused attention: positions, segments, branches shapes differ");
+  return RunBackward(pool, q, k, v, positions.dimensions(), layout_source(positions, segments, branches, window),
+                     out, lse, d_out, scale, dq, dk, dv);
 }
 
 }  // namespace
@@ -428,6 +538,38 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PrefjaxAttentionBackward, Backward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PrefjaxAttentionLayoutForward, LayoutForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("window")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PrefjaxAttentionLayoutBackward, LayoutBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("window")
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
