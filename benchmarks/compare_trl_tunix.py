@@ -140,6 +140,18 @@ def run_framework(framework: str, python: str, job_file: Path, timeout: float, o
     return result
 
 
+def cpu_model() -> str:
+    """The processor's name (/proc/cpuinfo): results move with it, e.g. torch's CPU kernels
+    run far slower relative to XLA's on the AMD EPYC of 2026-12-04 than on the 2026-11-23 machine."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def peak_flops(dtype: str) -> tuple[float, str]:
     """The MFU denominator: on CPU the best float32 rate of a 4096 x 4096 jitted matmul on this
     machine (before any runner starts); on an accelerator the datasheet's dense peak for `dtype`
@@ -226,10 +238,10 @@ def main(argv: list[str] | None = None) -> int:
           f"beta={args.beta}, {args.dtype}; median of {args.steps - args.warmup} steps after {args.warmup} warm-up"
           + (f", fastest of {args.rounds} interleaved runs" if args.rounds > 1 else "")
           + ("" if args.omp_spin else ", OMP_WAIT_POLICY=PASSIVE"))
-    print(f"{datetime.date.today().isoformat()}, {platform.machine()} {platform.system()}, {cores} cores, "
-          f"load average {os.getloadavg()[0]:.1f}; "
-          + "; ".join(f"{r['framework']}: {r['version']}" for r in rows if "version" in r and r["size"] == rows[0]["size"]
-                      and r["seq"] == rows[0]["seq"]))
+    first = [r for r in rows if "version" in r and (r["size"], r["seq"]) == (rows[0]["size"], rows[0]["seq"])]
+    print(f"{datetime.date.today().isoformat()}, {platform.machine()} {platform.system()} ({cpu_model()}), "
+          f"{cores} cores, load average {os.getloadavg()[0]:.1f}; "
+          + "; ".join(f"{r['framework']}: {r['version']}" for r in first))
     print(f"MFU: model FLOPs (policy forward + backward = 3 forwards, reference forward = 1; matmuls + causal "
           f"attention, prefjax.metrics.preference_step_flops) / step time / peak ({peak_source})")
     print()
