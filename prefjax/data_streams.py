@@ -98,9 +98,9 @@ class SharedPrefixStream:
     """
 
     def __init__(self, inner: Any, multiple: int = 64, pack_rows: Optional[int] = None,
-                 row_length: Optional[int] = None):
+                 row_length: Optional[int] = None, overflow: str = "error"):
         self.inner, self.multiple = inner, multiple
-        self.pack_rows, self.row_length = pack_rows, row_length
+        self.pack_rows, self.row_length, self.overflow = pack_rows, row_length, overflow
         self.num_responses, self.pad_id = inner.num_responses, inner.pad_id
         self.grain_iterator = inner.grain_iterator
         self.packed = True
@@ -111,7 +111,7 @@ class SharedPrefixStream:
 
     def __next__(self) -> dict[str, np.ndarray]:
         return prefix_sharing.share_prefixes(next(self.inner), self.num_responses, self.multiple, self.pad_id,
-                                             self.pack_rows, self.row_length)
+                                             self.pack_rows, self.row_length, self.overflow)
 
     def state(self) -> dict[str, Any]:
         return self.inner.state()
@@ -180,7 +180,8 @@ def make_stream(config: ml_collections.ConfigDict, source_spec: str, *, kind: st
         multiple = config.data.buckets if isinstance(config.data.buckets, int) else 64
         if config.data.pack:
             return SharedPrefixStream(stream, multiple=multiple, pack_rows=config.data.pack_rows,
-                                      row_length=config.data.row_length or config.data.max_len)
+                                      row_length=config.data.row_length or config.data.max_len,
+                                      overflow=config.data.pack_overflow)
         return SharedPrefixStream(stream, multiple=multiple)
     return stream
 

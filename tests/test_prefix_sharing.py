@@ -79,6 +79,11 @@ def test_packed_blocks_share_rows_with_their_own_segments():
     np.testing.assert_array_equal(out["positions"][0, :10], [0, 1, 2, 3, 4, 3, 0, 1, 2, 2])
     with pytest.raises(prefix_sharing.PackingOverflow, match="raise data.pack_rows"):
         prefix_sharing.share_prefixes(wide, 2, pack_rows=1, row_length=8)
+    # "drop": the block that finds no room is left out with weight 0, the others stay
+    kept = prefix_sharing.share_prefixes(wide, 2, pack_rows=1, row_length=8, overflow="drop")
+    np.testing.assert_array_equal(kept["weight"], [1.0, 0.0, 0.0])
+    np.testing.assert_array_equal(kept["example_id"][0], [0] * 6 + [-1, -1])
+    assert wide["weight"][2] == 1.0  # the input batch is not modified
 
 
 def test_padding_to_a_common_length_keeps_branches():

@@ -59,14 +59,15 @@ def _shared_length(rows: list[np.ndarray], masks: list[np.ndarray], lengths: lis
 
 def share_prefixes(batch: dict[str, np.ndarray], num_responses: int, multiple: int = 64,
                    pad_id: int = 0, pack_rows: Optional[int] = None,
-                   row_length: Optional[int] = None) -> dict[str, np.ndarray]:
+                   row_length: Optional[int] = None, overflow: str = "error") -> dict[str, np.ndarray]:
     """Unpacked rows [K * B, T] (row k * B + b = response k of example b) -> prefix-shared rows [B, L].
 
     L is the longest shared row rounded up to `multiple`. Per-example arrays
     (weight, scores, ...) are kept; rows get `branches` besides the usual row keys
     (example_id = b on live tokens, response_id = k on response k, -1 on the prefix).
     With `pack_rows` (and `row_length`), the rows are [pack_rows, row_length] instead,
-    each holding as many examples' blocks as fit (PackingOverflow when they do not).
+    each holding as many examples' blocks as fit; a block that finds no room raises
+    PackingOverflow (`overflow="error"`) or is left out with weight 0 (`"drop"`).
     """
     if multiple < 1:
         raise ValueError(f"share_prefixes: multiple must be >= 1, got {multiple}")
@@ -98,15 +99,22 @@ def share_prefixes(batch: dict[str, np.ndarray], num_responses: int, multiple: i
         if row_length is None:
             raise ValueError("share_prefixes: pack_rows needs row_length")
         num_rows, length = pack_rows, row_length
-        places = _pack_blocks([len(p["tokens"]) for p in pieces], pack_rows, row_length)
+        places = _pack_blocks([len(p["tokens"]) for p in pieces], pack_rows, row_length, overflow)
     out = {key: value for key, value in batch.items() if key not in ROW_KEYS}
+    dropped = [example for example, place in enumerate(places) if place is None]
+    if dropped:  # in no row, so they must not count
+        out["weight"] = np.array(out["weight"], copy=True)
+        out["weight"][dropped] = 0.0
     out.update(
         tokens=np.full((num_rows, length), pad_id, np.int32), positions=np.zeros((num_rows, length), np.int32),
         segments=np.zeros((num_rows, length), np.int32), loss_mask=np.zeros((num_rows, length), np.float32),
         example_id=np.full((num_rows, length), -1, np.int32), response_id=np.full((num_rows, length), -1, np.int32),
     )
     out[BRANCH_KEY] = np.zeros((num_rows, length), np.int32)
-    for example, (piece, (row, start, segment)) in enumerate(zip(pieces, places)):
+    for example, (piece, place) in enumerate(zip(pieces, places)):
+        if place is None:
+            continue
+        row, start, segment = place
         span = slice(start, start + len(piece["tokens"]))
         for key in ("tokens", "positions", "loss_mask", "response_id", BRANCH_KEY):
             out[key][row, span] = piece[key]
@@ -115,19 +123,24 @@ def share_prefixes(batch: dict[str, np.ndarray], num_responses: int, multiple: i
     return out
 
 
-def _pack_blocks(lengths: list[int], num_rows: int, row_length: int) -> list[tuple[int, int, int]]:
-    """(row, start, segment id) of each example's block, first-fit in order; empty blocks take no room."""
+def _pack_blocks(lengths: list[int], num_rows: int, row_length: int,
+                 overflow: str = "error") -> list[Optional[tuple[int, int, int]]]:
+    """(row, start, segment id) of each example's block, first-fit in order (None: dropped for lack of
+    room, with overflow="drop"); empty blocks take no room."""
     free, segments, places = [row_length] * num_rows, [0] * num_rows, []
     for example, n in enumerate(lengths):
         if n == 0:
             places.append((0, 0, 0))
             continue
         placed = place_example(free, [n], row_length, example) if n <= row_length else None
+        if placed is None and overflow == "drop":
+            places.append(None)
+            continue
         if placed is None:
             raise PackingOverflow(
                 f"prefix-shared example {example} ({n} tokens) does not fit in {num_rows} packed rows of "
                 f"{row_length} ({sum(row_length - f for f in free)} slots used): raise data.pack_rows or "
-                "data.row_length, or lower the batch size")
+                "data.row_length, lower the batch size, or set data.pack_overflow='drop'")
         free, (where,) = placed
         segments[where.row] += 1
         places.append((where.row, where.start, segments[where.row]))
