@@ -54,8 +54,20 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 inline vf splat(float x) { return vf{} + x; }
 inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-inline float hsum(vf v) { float s = 0; for (int i = 0; i < kLanes; ++i) s += v[i]; return s; }
-inline float hmax(vf v) { float m = v[0]; for (int i = 1; i < kLanes; ++i) m = std::max(m, v[i]); return m; }
+// Horizontal sum and max by halving (two 8-lane halves, then four lanes), not a 16-step scalar chain:
+// they run once per row of every score tile.
+typedef float vf8 __attribute__((vector_size(8 * sizeof(float))));
+inline void halves(vf v, vf8& lo, vf8& hi) { std::memcpy(&lo, &v, sizeof lo); std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi); }
+inline float hsum(vf v) {
+  vf8 lo, hi; halves(v, lo, hi);
+  const vf8 s = lo + hi;
+  return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+}
+inline float hmax(vf v) {
+  vf8 lo, hi; halves(v, lo, hi);
+  const vf8 m = lo > hi ? lo : hi;
+  return std::max(std::max(std::max(m[0], m[4]), std::max(m[1], m[5])), std::max(std::max(m[2], m[6]), std::max(m[3], m[7])));
+}
 
 // exp(x) for a vector: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its degree-6 Taylor
 // polynomial (relative error ~2e-7, below float32's rounding of the inputs), 2^n built in
@@ -267,8 +279,8 @@ void forward_item(const float* q, const float* k, const float* v, const MaskSour
   transpose_blocks(k_rows.data(), visible_dims, kt.data());
   gather_head(v, visible_dims, d.kv_heads, b, kh, 1.0f, v_rows.data());
   alignas(64) float qs[kBlock * H], acc[kBlock * H], s[kBlock * kBlock];
-  float m[kBlock], l[kBlock];
-  alignas(64) uint8_t mrow[kBlock];
+  alignas(64) float m[kBlock], l[kBlock], m_new[kBlock], corr[kBlock];
+  alignas(64) uint8_t mtile[kBlock * kBlock];
   for (int64_t g = 0; g < d.group(); ++g) {
     const int64_t n = kh * d.group() + g;
     for (int64_t r = 0; r < kBlock; ++r) {
@@ -285,29 +297,42 @@ void forward_item(const float* q, const float* k, const float* v, const MaskSour
       const Visibility seen = tile_visibility(mask, d, q0, k0);
       if (seen == Visibility::kNone) continue;
       tile_abt<H>(qs, kt.data() + kb * kBlock * H, s);
+      // Pass 1: each row's new running max (rows past the sequence end see nothing).
       for (int64_t r = 0; r < kBlock; ++r) {
-        float* srow = s + r * kBlock;
-        if (r >= rows) { std::memset(srow, 0, kBlock * sizeof(float)); continue; }
+        uint8_t* mrow = mtile + r * kBlock;
+        if (r >= rows) { std::memset(mrow, 0, kBlock); m_new[r] = kNegInf; continue; }
         if (seen == Visibility::kAll) std::memset(mrow, 1, kBlock);
         else mask_row(mask, d, q0 + r, k0, mrow);
+        const float* srow = s + r * kBlock;
         vf tile_max = splat(kNegInf);
         for (int c = 0; c < kBlock; c += kLanes) {
           const vf x = load(srow + c);
           tile_max = visible(mrow + c) ? (x > tile_max ? x : tile_max) : tile_max;
         }
-        const float m_new = std::max(m[r], hmax(tile_max));
-        if (m_new == kNegInf) { std::memset(srow, 0, kBlock * sizeof(float)); continue; }
-        const float corr = std::exp(m[r] - m_new);
+        m_new[r] = std::max(m[r], hmax(tile_max));
+      }
+      // The rescaling of the rows' sums and outputs, exp(m - m_new), 16 rows at a time rather
+      // than one scalar exp per row (at small head_dim that cost as much as the tile product).
+      // A row that has seen no key yet keeps factor 1 (its sums are 0; -inf - -inf is NaN).
+      for (int r = 0; r < kBlock; r += kLanes) {
+        const vf now = load(m_new + r);
+        store(corr + r, now == splat(kNegInf) ? splat(1.0f) : vexp(load(m + r) - now));
+      }
+      // Pass 2: probabilities, row sums, rescaled outputs.
+      for (int64_t r = 0; r < kBlock; ++r) {
+        float* srow = s + r * kBlock;
+        const uint8_t* mrow = mtile + r * kBlock;
+        if (m_new[r] == kNegInf) { std::memset(srow, 0, kBlock * sizeof(float)); continue; }
         vf total = {};
         for (int c = 0; c < kBlock; c += kLanes) {
-          const vf p = visible(mrow + c) ? vexp(load(srow + c) - m_new) : splat(0.0f);
+          const vf p = visible(mrow + c) ? vexp(load(srow + c) - m_new[r]) : splat(0.0f);
           total += p;
           store(srow + c, p);
         }
-        l[r] = l[r] * corr + hsum(total);
-        m[r] = m_new;
-        if (corr != 1.0f)
-          for (int i = 0; i < H; ++i) acc[r * H + i] *= corr;
+        l[r] = l[r] * corr[r] + hsum(total);
+        m[r] = m_new[r];
+        if (corr[r] != 1.0f)
+          for (int i = 0; i < H; ++i) acc[r * H + i] *= corr[r];
       }
       tile_accumulate<H>(s, v_rows.data() + k0 * H, acc);
     }
