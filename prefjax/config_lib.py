@@ -204,7 +204,7 @@ def _check_mesh_and_batch(config: ConfigDict, num_devices: int) -> None:
         _fail(f"mesh {mesh} does not fit {num_devices} devices")
     if -1 not in sizes and known != num_devices:
         _fail(f"mesh {mesh} has {known} devices but {num_devices} are available; set one axis to -1 to fill")
-    resolved = {k: (num_devices // known if v == -1 else v) for k, v in mesh.items()}
+    resolved = _resolved_mesh(config, num_devices)
     data_parallel = resolved["data"] * resolved["fsdp"]
     batch = config.data.batch_size
     if batch % jax.process_count():
@@ -218,6 +218,13 @@ def _check_mesh_and_batch(config: ConfigDict, num_devices: int) -> None:
     if config.grad_accum > 1 and _mixing_layout(config):
         _fail(f"grad_accum > 1 needs unpacked batches ({_mixing_layout(config)}=False): micro-batches are cut "
               "from the unpacked row order")
+
+
+def _resolved_mesh(config: ConfigDict, num_devices: int) -> dict[str, int]:
+    """The mesh axis sizes with the -1 axis filled (after _check_mesh_and_batch accepted them)."""
+    mesh = config.mesh.to_dict()
+    known = math.prod(v for v in mesh.values() if v != -1)
+    return {k: (num_devices // known if v == -1 else v) for k, v in mesh.items()}
 
 
 def _check_packing(config: ConfigDict, num_devices: int) -> None:
@@ -236,9 +243,7 @@ def _check_packing(config: ConfigDict, num_devices: int) -> None:
     if data.row_length is not None and data.row_length < data.max_len:
         _fail(f"data.row_length={data.row_length} must be >= data.max_len={data.max_len} (a sequence fills at "
               "most one row)")
-    mesh = config.mesh.to_dict()
-    known = math.prod(v for v in mesh.values() if v != -1)
-    resolved = {k: (num_devices // known if v == -1 else v) for k, v in mesh.items()}
+    resolved = _resolved_mesh(config, num_devices)
     data_parallel = resolved["data"] * resolved["fsdp"]
     rows = data.pack_rows * jax.process_count()
     if rows % data_parallel:

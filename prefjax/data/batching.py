@@ -146,6 +146,17 @@ def pad_batch_length(batch: dict[str, np.ndarray], length: int, pad_id: int) -> 
     return out
 
 
+def row_filler(layout: LayoutConfig, batch_size: int, num_responses: int, kind: str = "pair",
+               pad_id: int = 0) -> RowFiller:
+    """The RowFiller of ``fill_packed_rows`` batches: ``layout``'s packed rows, ``batch_size``
+    example slots, room kept for this batch kind's filler examples."""
+    if not layout.pack:
+        raise ValueError("batches that fill packed rows need a packed layout")
+    filler = filler_example(kind, num_responses, pad_id)
+    return RowFiller(layout.packed_row_length, layout.pack_rows, batch_size, num_responses,
+                     max(filler.sequence_length(k) for k in range(num_responses)))
+
+
 def fill_groups(examples: Sequence[TokenizedExample], layout: LayoutConfig, batch_size: int,
                 num_responses: int, pad_id: int = 0) -> list[list[TokenizedExample]]:
     """The examples, in order, in the groups that ``fill_packed_rows`` batches hold: each takes
@@ -153,25 +164,23 @@ def fill_groups(examples: Sequence[TokenizedExample], layout: LayoutConfig, batc
     that complete it to ``batch_size``), at most ``batch_size``. An example that fits no empty
     batch forms a group alone (build_batch then raises or drops it). The pipeline makes the same
     groups one at a time (prefjax.data.pipeline, with resumable state)."""
-    if not layout.pack:
-        raise ValueError("fill_groups needs a packed layout")
-    filler = filler_example(examples[0].kind if examples else "pair", num_responses, pad_id)
-    rows = RowFiller(layout.packed_row_length, layout.pack_rows, batch_size, num_responses,
-                     max(filler.sequence_length(k) for k in range(num_responses)))
+    rows = row_filler(layout, batch_size, num_responses, examples[0].kind if examples else "pair", pad_id)
     groups: list[list[TokenizedExample]] = []
     group: list[TokenizedExample] = []
     for example in examples:
         lengths = [example.sequence_length(k) for k in range(num_responses)]
-        if not rows.fits(lengths) and group:
+        if rows.take(lengths):
+            group.append(example)
+            continue
+        if group:  # the next group starts with this example
             groups.append(group)
-            group = []
             rows.reset()
-        if rows.fits(lengths):
-            rows.add(lengths)
-        group.append(example)
-        if not rows.count:  # alone and too long: a group of its own
-            groups.append(group)
-            group = []
+            if rows.take(lengths):
+                group = [example]
+                continue
+        groups.append([example])  # too long even alone: a group of its own
+        group = []
+        rows.reset()
     if group:
         groups.append(group)
     return groups

@@ -188,8 +188,8 @@ def pack_sequences(
 class RowFiller:
     """Grows a batch example by example while it still fits ``num_rows`` packed rows.
 
-    The batches of ``fill_packed_rows``: :meth:`fits` places the next example first-fit, as
-    :func:`pack_sequences` will when the batch is built, and also keeps room for the filler
+    The batches of ``fill_packed_rows``: :meth:`take` places the next example first-fit, as
+    :func:`pack_sequences` will when the batch is built, if it fits, and keeps room for the filler
     examples (``filler_length`` tokens per sequence) that complete the batch to
     ``batch_size`` slots: fillers need rows too, so that no response is empty. Equal-sized
     filler sequences fit exactly when the rows' room holds that many of them.
@@ -220,12 +220,18 @@ class RowFiller:
     def fits(self, seq_lengths: Sequence[int]) -> bool:
         return self._placed(seq_lengths) is not None
 
-    def add(self, seq_lengths: Sequence[int]) -> None:
+    def take(self, seq_lengths: Sequence[int]) -> bool:
+        """Adds the example if it fits (one placement, not a check and then a second one)."""
         free = self._placed(seq_lengths)
         if free is None:
-            raise PackingOverflow(f"an example of {list(seq_lengths)} tokens does not fit the rows left")
+            return False
         self.free = free
         self.count += 1
+        return True
+
+    def add(self, seq_lengths: Sequence[int]) -> None:
+        if not self.take(seq_lengths):
+            raise PackingOverflow(f"an example of {list(seq_lengths)} tokens does not fit the rows left")
 
 
 class PaddingStats:

@@ -54,7 +54,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from prefjax import sharding as sharding_lib
-from prefjax.data.batching import ROW_KEYS, build_batch, filler_example, pad_batch_length
+from prefjax.data.batching import ROW_KEYS, build_batch, pad_batch_length, row_filler
 from prefjax.data.packing import LayoutConfig, PaddingStats, RowFiller
 from prefjax.data.tokenize import (
     PreprocessError,
@@ -304,11 +304,9 @@ class _FillRowsIterator(grain.DatasetIterator):
     state from before that example was read, so a restored iterator reads it again.
     """
 
-    def __init__(self, parent: grain.DatasetIterator, layout: LayoutConfig, batch_size: int,
-                 num_responses: int, filler_length: int):
+    def __init__(self, parent: grain.DatasetIterator, filler: RowFiller):
         super().__init__(parent)
-        self._filler = RowFiller(layout.packed_row_length, layout.pack_rows, batch_size, num_responses,
-                                 filler_length)
+        self._filler = filler
         self._held: Optional[TokenizedExample] = None
         self._state_before_held: Any = None
 
@@ -327,8 +325,7 @@ class _FillRowsIterator(grain.DatasetIterator):
                         return batch
                     raise
             lengths = [example.sequence_length(k) for k in range(example.num_responses)]
-            if self._filler.fits(lengths):
-                self._filler.add(lengths)
+            if self._filler.take(lengths):
                 batch.append(example)
             elif not batch:  # too long even alone: build_batch raises (or drops it, as configured)
                 batch.append(example)
@@ -350,13 +347,12 @@ class _FillRowsIterator(grain.DatasetIterator):
 class _FillRows(grain.IterDataset):
     """Groups examples into batches by packed-row capacity instead of by count."""
 
-    def __init__(self, parent: grain.IterDataset, layout: LayoutConfig, batch_size: int, num_responses: int,
-                 filler_length: int):
+    def __init__(self, parent: grain.IterDataset, make_filler: Callable[[], RowFiller]):
         super().__init__(parent)
-        self._args = (layout, batch_size, num_responses, filler_length)
+        self._make_filler = make_filler
 
     def __iter__(self) -> _FillRowsIterator:
-        return _FillRowsIterator(self._parent.__iter__(), *self._args)
+        return _FillRowsIterator(self._parent.__iter__(), self._make_filler())
 
     def __str__(self) -> str:
         return "_FillRows()"
@@ -422,9 +418,9 @@ class Pipeline:
                 raise ValueError("fill_packed_rows gives each process as many batches as its data fills, so "
                                  "processes would disagree on the step count: with several processes set "
                                  "num_epochs=None (repeat) and stop after a number of steps")
-            filler = filler_example(self.kind, self.num_responses, self.pad_id)
-            iter_ds = _FillRows(iter_ds, config.layout, pc.batch_size, self.num_responses,
-                                max(filler.sequence_length(k) for k in range(self.num_responses))).map(make_batch)
+            make_filler = functools.partial(row_filler, config.layout, pc.batch_size, self.num_responses, self.kind,
+                                            self.pad_id)
+            iter_ds = _FillRows(iter_ds, make_filler).map(make_batch)
         else:
             iter_ds = iter_ds.batch(pc.batch_size, drop_remainder=False, batch_fn=make_batch)
         if pc.num_epochs is not None and not pc.fill_packed_rows:

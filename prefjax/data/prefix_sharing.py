@@ -28,9 +28,9 @@ and the attention mask keeps blocks apart by segment.
 
 from __future__ import annotations
 
-import numpy as np
-
 from typing import Optional
+
+import numpy as np
 
 from prefjax.data.batching import ROW_KEYS
 from prefjax.data.packing import PackingOverflow, place_example
