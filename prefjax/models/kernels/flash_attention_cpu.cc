@@ -182,7 +182,7 @@ MaskRef mask_view(const MaskSource& src, const Dims& d, int64_t b, int64_t q_lo,
     if (sq == 0) continue;  // a padding query sees nothing
     uint8_t* out = local.data() + (q - q_lo) * cols;
     const int64_t end = std::min({k_hi, d.length, q + 1});
-    // Branch-free, so that the compiler vectorises it: the same rule as MaskSource::visible.
+    // Branch-free, so that the compiler vectorises it: the rule in MaskSource's comment.
     for (int64_t k = k_lo; k < end; ++k) {
       const int32_t delta = pq - pos[k];
       out[k - k_lo] = (seg[k] == sq) & (delta >= 0) & (delta < window) & ((br[k] == 0) | (br[k] == bq));
@@ -281,6 +281,9 @@ void forward_item(const float* q, const float* k, const float* v, const MaskSour
   alignas(64) float qs[kBlock * H], acc[kBlock * H], s[kBlock * kBlock];
   alignas(64) float m[kBlock], l[kBlock], m_new[kBlock], corr[kBlock];
   alignas(64) uint8_t mtile[kBlock * kBlock];
+  // Which key tiles this query block sees: the same for every query head of the group.
+  std::vector<Visibility> seen_tiles(qb + 1);
+  for (int64_t kb = 0; kb <= qb; ++kb) seen_tiles[kb] = tile_visibility(mask, d, q0, kb * kBlock);
   for (int64_t g = 0; g < d.group(); ++g) {
     const int64_t n = kh * d.group() + g;
     for (int64_t r = 0; r < kBlock; ++r) {
@@ -294,7 +297,7 @@ void forward_item(const float* q, const float* k, const float* v, const MaskSour
     std::memset(acc, 0, sizeof acc);
     for (int64_t kb = 0; kb <= qb; ++kb) {
       const int64_t k0 = kb * kBlock;
-      const Visibility seen = tile_visibility(mask, d, q0, k0);
+      const Visibility seen = seen_tiles[kb];
       if (seen == Visibility::kNone) continue;
       tile_abt<H>(qs, kt.data() + kb * kBlock * H, s);
       // Pass 1: each row's new running max (rows past the sequence end see nothing).
@@ -364,8 +367,13 @@ void backward_item(const float* q, const float* k, const float* v, const MaskSou
   // Per key block, the mask column [queries from k0 on, keys k0 .. k0 + 63], built once for all heads.
   std::vector<std::vector<uint8_t>> local(d.blocks);
   std::vector<MaskRef> masks;
-  for (int64_t kb = 0; kb < d.blocks; ++kb)
+  // and which of its tiles (key block kb, query block qb >= kb) any query sees, also shared by the heads.
+  std::vector<Visibility> seen_tiles(d.blocks * d.blocks, Visibility::kNone);
+  for (int64_t kb = 0; kb < d.blocks; ++kb) {
     masks.push_back(mask_view(source, d, b, kb * kBlock, padded, kb * kBlock, (kb + 1) * kBlock, local[kb]));
+    for (int64_t qb = kb; qb < d.blocks; ++qb)
+      seen_tiles[kb * d.blocks + qb] = tile_visibility(masks[kb], d, qb * kBlock, kb * kBlock);
+  }
   for (int64_t g = 0; g < d.group(); ++g) {
     const int64_t n = kh * d.group() + g;
     gather_head(q, d, d.heads, b, n, scale, qs.data());
@@ -385,7 +393,7 @@ void backward_item(const float* q, const float* k, const float* v, const MaskSou
       const MaskRef& mask = masks[kb];
       for (int64_t qb = kb; qb < d.blocks; ++qb) {
         const int64_t q0 = qb * kBlock;
-        const Visibility seen = tile_visibility(mask, d, q0, k0);
+        const Visibility seen = seen_tiles[kb * d.blocks + qb];
         if (seen == Visibility::kNone) continue;
         tile_abt<H>(k_rows.data() + k0 * H, qst.data() + q0 * H, pt);
         tile_abt<H>(v_rows.data() + k0 * H, dot.data() + q0 * H, dst);
