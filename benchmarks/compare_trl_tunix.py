@@ -245,12 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"MFU: model FLOPs (policy forward + backward = 3 forwards, reference forward = 1; matmuls + causal "
           f"attention, prefjax.metrics.preference_step_flops) / step time / peak ({peak_source})")
     print()
-    print(table.speed_table(rows))
-    print()
-    print(table.memory_table(rows))
-    print()
-    losses, ok = table.loss_check(rows, args.loss_tol, args.logp_rtol)
-    print(losses)
+    ok = table.print_tables(rows, args.loss_tol, args.logp_rtol)
     print()
     print(f"first-step losses and chosen log-probs {'agree' if ok else 'DO NOT agree'} with prefjax's "
           f"(loss within {args.loss_tol:g}, log-probs within {args.logp_rtol:g} relative)")

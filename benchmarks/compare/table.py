@@ -106,6 +106,17 @@ def memory_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def print_tables(rows: list[Row], loss_tol: float, logp_rtol: float) -> bool:
+    """Prints the speed, memory and first-step tables; whether every framework agrees with prefjax."""
+    print(speed_table(rows))
+    print()
+    print(memory_table(rows))
+    print()
+    text, ok = loss_check(rows, loss_tol, logp_rtol)
+    print(text)
+    return ok
+
+
 def main(argv: list[str]) -> int:
     """Prints the three tables for the rows of one or more JSON files written by
     compare_trl_tunix.py --json (e.g. cells of one machine run as separate invocations)."""
@@ -123,13 +134,7 @@ def main(argv: list[str]) -> int:
             rows += json.load(f)
     # One prefjax row per cell is the base of the ratios; later files' rows follow earlier ones.
     rows.sort(key=lambda r: (r["size"], r["seq"], r["framework"] != "prefjax"))
-    print(speed_table(rows))
-    print()
-    print(memory_table(rows))
-    print()
-    text, ok = loss_check(rows, args.loss_tol, args.logp_rtol)
-    print(text)
-    return 0 if ok else 1
+    return 0 if print_tables(rows, args.loss_tol, args.logp_rtol) else 1
 
 
 if __name__ == "__main__":
