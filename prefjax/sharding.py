@@ -152,6 +152,22 @@ def constrain(x: jax.Array, logical_axes: Sequence[Optional[str]]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec)
 
 
+def shards_along(logical_axis: str, size: int) -> int:
+    """Pieces the current mesh cuts a dimension of this logical axis and size into (1 without one).
+
+    For choices made while tracing that depend on what one device holds, e.g. the rows of
+    the batch per device.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return 1
+    axes = logical_to_spec((logical_axis,), (size,), mesh)[0]
+    if axes is None:
+        return 1
+    axes = (axes,) if isinstance(axes, str) else axes
+    return math.prod(mesh.shape[a] for a in axes)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

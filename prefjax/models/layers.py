@@ -107,17 +107,59 @@ class MLP(nnx.Module):
         self.down = param(rngs, (f, d), ("mlp", "embed"), dtype=pd)
         self.activation = cfg.activation
         self.dtype = dtype_of(cfg.dtype)
+        self.backward_weight = mlp_backward_weight(cfg)
 
     def __call__(self, x_BxTxD: Array) -> Array:
+        rows, length = x_BxTxD.shape[0], x_BxTxD.shape[1]
+        slices = mlp_backward_slices(self.backward_weight, rows // sharding.shards_along("batch", rows), length)
         return gated_mlp(self.activation, x_BxTxD.astype(self.dtype), self.gate[...].astype(self.dtype),
-                         self.up[...].astype(self.dtype), self.down[...].astype(self.dtype))
+                         self.up[...].astype(self.dtype), self.down[...].astype(self.dtype), slices)
+
+
+# The gated MLP's backward temporaries per token: the hidden cotangent, act(gate) recomputed,
+# act's derivative, d_gate, d_up, the hidden product and its transpose (the compiled CPU
+# program holds about this many [tokens, F] arrays at once).
+_MLP_BACKWARD_TEMPORARIES = 7
+# Most of a step's saved activations that one MLP backward may add on top of them.
+MLP_BACKWARD_SHARE = 0.2
+# Fewest tokens (on one device) per backward slice: smaller slices make small, slow matmuls.
+MIN_MLP_SLICE_TOKENS = 256
+
+
+def mlp_backward_weight(cfg: ModelConfig) -> float:
+    """One MLP backward's temporaries over the step's saved activations (per token, unsliced)."""
+    from prefjax import memory_budget  # here: memory_budget imports this module
+
+    return _MLP_BACKWARD_TEMPORARIES * cfg.intermediate_size / memory_budget.activation_floats_per_token(cfg)
+
+
+def mlp_backward_slices(weight: float, rows: int, length: int) -> int:
+    """Equal slices of the sequence axis for the MLP backward (see `gated_mlp`).
+
+    The fewest that bring `weight` (`mlp_backward_weight`) under MLP_BACKWARD_SHARE,
+    rounded up to a divisor of `length`, while a slice keeps at least
+    MIN_MLP_SLICE_TOKENS tokens of the `rows` on one device. A shallow model with a
+    wide MLP is sliced (2 layers, F = 2 D: 4 slices), a deep one is not (the MLP's
+    temporaries are small next to all layers' saved activations).
+    """
+    wanted = math.ceil(weight / MLP_BACKWARD_SHARE)
+    best = 1
+    for n in range(2, length + 1):
+        if rows * (length // n) < MIN_MLP_SLICE_TOKENS:
+            break
+        if length % n == 0:
+            best = n
+            if n >= wanted:
+                break
+    return best if wanted > 1 else 1
 
 
 _ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def gated_mlp(activation: str, x_BxTxD: Array, w_gate_DxF: Array, w_up_DxF: Array, w_down_FxD: Array) -> Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 5))
+def gated_mlp(activation: str, x_BxTxD: Array, w_gate_DxF: Array, w_up_DxF: Array, w_down_FxD: Array,
+              backward_slices: int = 1) -> Array:
     """down(act(x gate) * (x up)) with act "silu" (SwiGLU) or "gelu_tanh" (GeGLU).
 
     A custom VJP whose backward pass keeps only x, gate and up: act(gate) and the
@@ -126,8 +168,20 @@ def gated_mlp(activation: str, x_BxTxD: Array, w_gate_DxF: Array, w_up_DxF: Arra
     silu the sigmoid and the activation): about 5 [tokens, F] arrays per layer
     against 2 here, and the MLP's saved activations were the largest part of a
     train step's memory (benchmarks/RESULTS.md, memory table).
+
+    backward_slices > 1 (a divisor of T) runs the backward over that many slices of the
+    sequence axis, one after another, so its temporaries (about 7 [tokens, F] arrays) are
+    those of one slice; the weight gradients accumulate in float32. The MLP module picks
+    it (`mlp_backward_slices`).
     """
+    _check_slices(backward_slices, x_BxTxD.shape[1])
     return _gated_mlp_forward(activation, x_BxTxD, w_gate_DxF, w_up_DxF, w_down_FxD)[0]
+
+
+def _check_slices(n: int, length: int) -> None:
+    if n < 1 or length % n:
+        raise ValueError(f"gated_mlp: backward_slices={n} must be a positive divisor of the sequence "
+                         f"length {length}")
 
 
 def _gated_mlp_forward(activation, x, w_gate, w_up, w_down):
@@ -137,13 +191,42 @@ def _gated_mlp_forward(activation, x, w_gate, w_up, w_down):
     return jnp.einsum("btf,fd->btd", hidden, w_down), (gate, up)
 
 
-def _gated_mlp_fwd(activation, x, w_gate, w_up, w_down):
+def _gated_mlp_fwd(activation, x, w_gate, w_up, w_down, backward_slices):
+    _check_slices(backward_slices, x.shape[1])
     out, (gate, up) = _gated_mlp_forward(activation, x, w_gate, w_up, w_down)
     return out, (x, gate, up, w_gate, w_up, w_down)
 
 
-def _gated_mlp_bwd(activation, residuals, d_out):
+def _gated_mlp_bwd(activation, n, residuals, d_out):
     x, gate, up, w_gate, w_up, w_down = residuals
+    length = x.shape[1]
+    if n == 1:
+        d_x, grads = _gated_mlp_bwd_slice(activation, x, gate, up, d_out, w_gate, w_up, w_down)
+        return (d_x, *(g.astype(w.dtype) for g, w in zip(grads, (w_gate, w_up, w_down))))
+    size = length // n
+
+    # A loop, not n unrolled slices: XLA CPU would schedule unrolled slices side by side.
+    # The temporaries of the whole unsliced backward were as large as a shallow model's saved
+    # activations (tiny/2048 in benchmarks/RESULTS.md: 96 MiB against 225).
+    def one_slice(i, carry):
+        d_x, grads = carry
+        take = lambda a: jax.lax.dynamic_slice_in_dim(a, i * size, size, axis=1)  # noqa: E731
+        d_x_i, grads_i = _gated_mlp_bwd_slice(activation, take(x), take(gate), take(up), take(d_out),
+                                              w_gate, w_up, w_down)
+        d_x = jax.lax.dynamic_update_slice_in_dim(d_x, d_x_i, i * size, axis=1)
+        return d_x, tuple(g + gi for g, gi in zip(grads, grads_i))
+
+    # Weight gradients accumulate over slices in float32 (one matmul would accumulate there too).
+    zeros = tuple(jnp.zeros(w.shape, jnp.float32) for w in (w_gate, w_up, w_down))
+    # d_x starts as a copy of d_out (same shape; every slice is overwritten): a zero-filled
+    # start depends on nothing, and XLA CPU fills it at the top of the program, holding a
+    # [tokens, D] buffer through the whole forward pass.
+    d_x, grads = jax.lax.fori_loop(0, n, one_slice, (d_out.astype(x.dtype), zeros))
+    return (d_x, *(g.astype(w.dtype) for g, w in zip(grads, (w_gate, w_up, w_down))))
+
+
+def _gated_mlp_bwd_slice(activation, x, gate, up, d_out, w_gate, w_up, w_down):
+    """d_x and float32 (d_w_gate, d_w_up, d_w_down) of one slice of tokens."""
     d_hidden = jnp.einsum("btd,fd->btf", d_out, w_down)
     # The recomputation must not start before this layer's backward: computed from the saved
     # gate alone, XLA schedules act(gate) and the (transposed) hidden product of every layer
@@ -159,8 +242,9 @@ def _gated_mlp_bwd(activation, residuals, d_out):
     d_gate = act_vjp(d_hidden * up)[0]
     d_up = d_hidden * act
     d_x = jnp.einsum("btf,df->btd", d_gate, w_gate) + jnp.einsum("btf,df->btd", d_up, w_up)
-    return (d_x, jnp.einsum("btd,btf->df", x, d_gate), jnp.einsum("btd,btf->df", x, d_up),
-            jnp.einsum("btf,btd->fd", hidden, d_out))
+    f32 = dict(preferred_element_type=jnp.float32)
+    return d_x, (jnp.einsum("btd,btf->df", x, d_gate, **f32), jnp.einsum("btd,btf->df", x, d_up, **f32),
+                 jnp.einsum("btf,btd->fd", hidden, d_out, **f32))
 
 
 gated_mlp.defvjp(_gated_mlp_fwd, _gated_mlp_bwd)

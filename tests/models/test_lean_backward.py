@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from jax._src.ad_checkpoint import saved_residuals
 
+from prefjax import models
 from prefjax.models import layers
 
 _ACTIVATIONS = {
@@ -26,12 +27,12 @@ def _plain_mlp(activation, x, w_gate, w_up, w_down):
     return ((_ACTIVATIONS[activation](x @ w_gate)) * (x @ w_up)) @ w_down
 
 
-def _inputs(d=12, f=20, seed=0):
+def _inputs(d=12, f=20, seed=0, length=7):
     keys = jax.random.split(jax.random.key(seed), 5)
-    x = jax.random.normal(keys[0], (3, 7, d))
+    x = jax.random.normal(keys[0], (3, length, d))
     w_gate, w_up = (jax.random.normal(k, (d, f)) / np.sqrt(d) for k in keys[1:3])
     w_down = jax.random.normal(keys[3], (f, d)) / np.sqrt(f)
-    weights = jax.random.normal(keys[4], (3, 7, d))
+    weights = jax.random.normal(keys[4], (3, length, d))
     return (x, w_gate, w_up, w_down), weights
 
 
@@ -94,3 +95,96 @@ def test_compiled_backward_recomputes_late():
     per_token_floats = temp / (tokens * 4)
     saved = n_layers * (d + 2 * f)
     assert per_token_floats < saved + n_layers * f, (per_token_floats, saved)
+
+
+# ---------------------------------------------------------------------------------------------
+# The backward over slices of the sequence axis
+
+
+@pytest.mark.parametrize("activation,length,slices", [("silu", 8, 2), ("gelu_tanh", 8, 4), ("silu", 7, 7)])
+def test_sliced_backward_equals_the_plain_expression(activation, length, slices):
+    args, weights = _inputs(seed=2, length=length)
+    argnums = (0, 1, 2, 3)
+    got = jax.jit(jax.grad(lambda *a: jnp.sum(layers.gated_mlp(activation, *a, slices) * weights), argnums))(*args)
+    want = jax.grad(lambda *a: jnp.sum(_plain_mlp(activation, *a) * weights), argnums)(*args)
+    for g, w, name in zip(got, want, ("x", "gate", "up", "down")):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_sliced_bfloat16_gradients_keep_dtypes_and_track_float32():
+    args, weights = _inputs(seed=3, length=8)
+    low = [a.astype(jnp.bfloat16) for a in args]
+    grads = jax.grad(lambda *a: jnp.sum(layers.gated_mlp("silu", *a, 4).astype(jnp.float32) * weights),
+                     (0, 1, 2, 3))(*low)
+    want = jax.grad(lambda *a: jnp.sum(_plain_mlp("silu", *a) * weights), (0, 1, 2, 3))(*args)
+    for g, w in zip(grads, want):
+        assert g.dtype == jnp.bfloat16
+        np.testing.assert_allclose(g.astype(jnp.float32), w, rtol=0.1, atol=0.05 * float(jnp.abs(w).max()))
+
+
+def test_slices_must_divide_the_sequence():
+    args, _ = _inputs(length=7)
+    with pytest.raises(ValueError, match="backward_slices=2 must be a positive divisor of the sequence length 7"):
+        layers.gated_mlp("silu", *args, 2)
+    with pytest.raises(ValueError, match="backward_slices=0"):
+        jax.grad(lambda *a: jnp.sum(layers.gated_mlp("silu", *a, 0)))(*args)
+
+
+def _shape(**sizes):
+    return models.get_preset("llama2-tiny", **sizes)
+
+
+def test_slices_follow_the_mlp_share_of_the_saved_activations():
+    shallow = _shape(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
+    deep = _shape(hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64)
+    # 7 F per token against all layers' saved activations (prefjax.memory_budget's count)
+    from prefjax import memory_budget
+    assert layers.mlp_backward_weight(shallow) == pytest.approx(
+        7 * 128 / memory_budget.activation_floats_per_token(shallow))
+    assert layers.mlp_backward_weight(shallow) > 2 * layers.MLP_BACKWARD_SHARE  # 2 layers, F = 2 D
+    assert layers.mlp_backward_weight(deep) < layers.MLP_BACKWARD_SHARE
+    weight = layers.mlp_backward_weight(shallow)  # 0.50: 3 slices wanted, 4 is the next divisor of 256
+    assert layers.mlp_backward_slices(weight, 16, 256) == 4
+    assert layers.mlp_backward_slices(weight, 16, 2048) == 4
+    assert layers.mlp_backward_slices(weight, 16, 12) == 1  # 16 x 12 tokens: under the smallest slice
+    assert layers.mlp_backward_slices(weight, 1, 1024) == 3 + 1  # 256-token slices allowed
+    assert layers.mlp_backward_slices(5.0, 1, 1024) == 4  # wants 25, stops at the 256-token floor
+    assert layers.mlp_backward_slices(weight, 300, 9) == 3
+    assert layers.mlp_backward_slices(layers.mlp_backward_weight(deep), 16, 2048) == 1
+
+
+def test_model_gradients_are_the_same_with_and_without_slices(monkeypatch):
+    cfg = _shape(hidden_size=32, intermediate_size=96, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
+                 vocab_size=64)
+    graphdef, params = models.init_params(cfg, seed=0)
+    tokens = jax.random.randint(jax.random.key(1), (2, 256), 0, 64)
+
+    def loss(p):
+        hidden, _ = models.apply(graphdef, p, tokens)
+        return jnp.sum(jnp.sin(hidden))
+
+    sliced = layers.mlp_backward_slices(layers.mlp_backward_weight(cfg), 2, 256)
+    assert sliced > 1
+    with_slices = jax.jit(jax.grad(loss))(params)
+    monkeypatch.setattr(layers, "MLP_BACKWARD_SHARE", 1e9)
+    without = jax.jit(jax.grad(loss))(params)
+    for a, b in zip(jax.tree.leaves(with_slices), jax.tree.leaves(without)):
+        # float32 sums over the tokens in another order: agree to rounding of the largest entry
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
+
+
+def test_slices_cut_the_compiled_backward_temporaries():
+    tokens, d, f = 4096, 16, 256
+    keys = jax.random.split(jax.random.key(0), 5)
+    x = jax.random.normal(keys[0], (1, tokens, d))
+    w_gate, w_up = (jax.random.normal(k, (d, f)) / 4 for k in keys[1:3])
+    w_down = jax.random.normal(keys[3], (f, d)) / 16
+
+    def temp(slices):
+        loss = lambda *a: jnp.sum(jnp.square(layers.gated_mlp("silu", *a, slices)))  # noqa: E731
+        compiled = jax.jit(jax.grad(loss, (0, 1, 2, 3))).lower(x, w_gate, w_up, w_down).compile()
+        return compiled.memory_analysis().temp_size_in_bytes / (tokens * 4)  # floats per token
+
+    # saved gate and up (2 F) stay; the backward's own [tokens, F] arrays shrink 4-fold
+    whole, sliced = temp(1), temp(4)
+    assert whole > 4 * f and sliced < whole - 2 * f, (whole, sliced)

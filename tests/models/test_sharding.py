@@ -69,3 +69,12 @@ def test_params_are_never_built_whole_on_one_device():
     q = params["layers"][0]["attn"]["q"]
     shard_shapes = {s.data.shape for s in q.addressable_shards}
     assert shard_shapes == {(cfg.hidden_size // 8, cfg.num_heads, cfg.head_dim)}
+
+
+def test_shards_along_counts_the_pieces_of_a_dimension_on_the_current_mesh():
+    assert sharding.shards_along("batch", 16) == 1  # no mesh
+    with sharding.use_mesh(sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})):
+        assert sharding.shards_along("batch", 16) == 4
+        assert sharding.shards_along("batch", 2) == 2  # fsdp does not divide what data leaves
+        assert sharding.shards_along("length", 16) == 1
+        assert sharding.shards_along("heads", 8) == 2
