@@ -88,8 +88,10 @@ def trainer_config() -> ConfigDict:
     c.log_every = 1
     c.eval_every = 0  # 0: evaluate only at the end (when there is eval data)
     c.eval_batches = 4
-    c.logprob_chunk = 256
+    c.logprob_chunk = 256  # positions per log-prob tile
     c.vocab_chunk = ml_collections.FieldReference(None, field_type=int)
+    # Most tokens (rows on one device x positions) per log-prob tile; None: logprob_chunk alone.
+    c.logprob_tile_tokens = ml_collections.FieldReference(512, field_type=int)
     c.peak_flops = 0.0  # 0: datasheet (TPU/GPU) or a one-off measurement (CPU)
     return c
 

@@ -44,7 +44,12 @@ The functions are `jax.custom_vjp`s rather than autodiff through a remat'd scan:
   model gets no backward pass at all (its cotangents are symbolic zeros).
 
 So the extra memory is O(B * chunk * vocab_chunk) for the tiles plus the gradient buffers,
-independent of T. Measured by benchmarks/logprobs_memory.py (XLA temporary buffers of the
+independent of T. `tile_tokens` bounds B * chunk (B counted on one device), so a batch with
+many rows gets shorter tiles; the train step's default, 512 tokens, costs no measurable time on
+the CPU benchmark sizes (benchmarks/RESULTS.md) and keeps the tiles small next to a small
+model's activations. dh starts as zeros tied to the incoming cotangent (`_zeros_after`), and
+the scored-first permutation's transpose is a gather, so no [B, T, D] buffer is allocated
+before the backward pass needs it. Measured by benchmarks/logprobs_memory.py (XLA temporary buffers of the
 jitted forward + backward, float32, D = 128, chunk 128, CPU): the naive computation needs
 5 float32 [B, T, V] tensors (5120 MiB at 1x2048x131072), autodiff through lax.scan +
 jax.checkpoint about 4 logits tiles (257 MiB), `token_logps` 2 tiles
@@ -70,6 +75,8 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from prefjax import sharding
+
 Array = jax.Array
 
 # Positions per sequence tile. At B = 8, V = 128k a float32 logits tile is 512 MiB.
@@ -78,6 +85,8 @@ DEFAULT_CHUNK_SIZE = 128
 _F32 = jnp.float32
 # Smallest sequence tile the compacted path cuts a row into (smaller tiles make small matmuls).
 _MIN_COMPACT_TILE = 32
+# Fewest positions per sequence tile that a `tile_tokens` budget may leave.
+_MIN_TILE_POSITIONS = 8
 
 
 class TokenLogpsAndKL(NamedTuple):
@@ -148,10 +157,48 @@ def _loop(step: Callable[[Any, Any], Any], carry: Any, n: int, active: Optional[
     return jax.lax.fori_loop(0, n if active is None else active, lambda i, c: step(c, i), carry)
 
 
+def _zeros_after(value: Array, shape: tuple[int, ...]) -> Array:
+    """float32 zeros of `shape` (extending value's shape) that cannot be computed before `value`.
+
+    A zero-filled loop buffer depends on nothing, and XLA CPU fills it at the top of the
+    program, so a [B, T, D] gradient buffer would be held through the whole forward pass.
+    0 * (value where finite) is exactly zero and not folded away by XLA (x * 0 is not 0 for
+    a NaN x), which ties the buffer to the backward pass that produces `value`.
+    """
+    tie = jnp.where(jnp.isfinite(value), value, 0).astype(_F32) * 0
+    return jnp.broadcast_to(tie.reshape(tie.shape + (1,) * (len(shape) - tie.ndim)), shape)
+
+
 def _active_tiles(mask: Array, size: int) -> Array:
     """Sequence tiles up to the last one holding a masked-in position (later tiles are all 0)."""
     last = jnp.max(jnp.where(mask, jnp.arange(mask.shape[1]) + 1, 0))
     return (last + size - 1) // size
+
+
+@jax.custom_vjp
+def _permute_rows(x: Array, order: Array, inverse: Array) -> Array:
+    """x[b, order[b, t]] along axis 1; `inverse` is order's inverse permutation.
+
+    Its transpose is the inverse permutation (a gather), where autodiff of a gather would
+    scatter-add into a zero-filled [B, T, ...] buffer.
+    """
+    return _gather_rows(x, order)
+
+
+def _gather_rows(x: Array, index: Array) -> Array:
+    return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def _permute_rows_fwd(x, order, inverse):
+    return _gather_rows(x, order), (order, inverse)
+
+
+def _permute_rows_bwd(residuals, d_out):
+    order, inverse = residuals
+    return _gather_rows(d_out, inverse), None, None
+
+
+_permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
 
 
 def _scored_first(mask: Array) -> tuple[Array, Array, Array]:
@@ -344,7 +391,8 @@ def _backward(plan: _Plan, residuals: tuple, cotangents: tuple) -> tuple:
             _take(lse_ref, start, size, 1), g_c, g_kl_c, keep, dw)
         return _accumulate(dh, dh_c, start, 1), dw
 
-    dh, dw = _loop(step, (jnp.zeros(h.shape, _F32), jnp.zeros(w.shape, _F32)), n, _active_tiles(mask, size))
+    dh0 = _zeros_after(g, h.shape)
+    dh, dw = _loop(step, (dh0, jnp.zeros(w.shape, _F32)), n, _active_tiles(mask, size))
     # Labels and mask are not differentiable; the reference gets no gradient (symbolic zeros).
     return dh.astype(h.dtype), dw.astype(w.dtype), None, None, None, None
 
@@ -395,20 +443,27 @@ def _fused_compacted(plan: _Plan, h: Array, w: Array, h_ref: Optional[Array], w_
     if _num_tiles(length, plan.seq_chunk) == 1:
         return _fused(plan, h, w, h_ref, w_ref, labels, mask)
     order, inverse, packed_mask = _scored_first(mask)
-    gather = lambda x: None if x is None else jnp.take_along_axis(  # noqa: E731
-        x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)
-    outs = _fused(plan, gather(h), w, gather(h_ref), w_ref, gather(labels), packed_mask)
-    return tuple(jnp.take_along_axis(o, inverse, axis=1) for o in outs)
+    gather = lambda x: None if x is None else _permute_rows(x, order, inverse)  # noqa: E731
+    outs = _fused(plan, gather(h), w, gather(h_ref), w_ref, _gather_rows(labels, order), packed_mask)
+    return tuple(_permute_rows(o, inverse, order) for o in outs)
 
 
 # ---------------------------------------------------------------------------------------------
 # Public API
 
 
-def _plan(length: int, vocab: int, chunk_size: int, vocab_chunk_size: Optional[int],
-          logit_softcap: Optional[float], policy_dtype: Any, ref_dtype: Any) -> _Plan:
-    if chunk_size < 1 or (vocab_chunk_size is not None and vocab_chunk_size < 1):
-        raise ValueError(f"chunk sizes must be positive, got {chunk_size} and {vocab_chunk_size}")
+def _plan(labels_BxT: Array, vocab: int, chunk_size: int, vocab_chunk_size: Optional[int],
+          tile_tokens: Optional[int], logit_softcap: Optional[float], policy_dtype: Any,
+          ref_dtype: Any) -> _Plan:
+    if chunk_size < 1 or (vocab_chunk_size is not None and vocab_chunk_size < 1) or (
+            tile_tokens is not None and tile_tokens < 1):
+        raise ValueError(f"chunk sizes must be positive, got chunk_size={chunk_size}, "
+                         f"vocab_chunk_size={vocab_chunk_size}, tile_tokens={tile_tokens}")
+    rows, length = labels_BxT.shape
+    if tile_tokens is not None:
+        # What one device holds: its rows of the batch times the tile's positions.
+        local_rows = max(1, rows // sharding.shards_along("batch", rows))
+        chunk_size = min(chunk_size, max(_MIN_TILE_POSITIONS, tile_tokens // local_rows))
     return _Plan(
         seq_chunk=min(chunk_size, length),
         vocab_chunk=vocab if vocab_chunk_size is None else min(vocab_chunk_size, vocab),
@@ -445,6 +500,7 @@ def token_logps(
     mask_BxT: Optional[Array] = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     vocab_chunk_size: Optional[int] = None,
+    tile_tokens: Optional[int] = None,
     logit_softcap: Optional[float] = None,
     compute_dtype: Any = None,
 ) -> Array:
@@ -457,13 +513,16 @@ def token_logps(
       mask_BxT: optional; where 0 the output is exactly 0 and nothing flows back.
       chunk_size: positions per sequence tile; any value (a ragged last tile is fine).
       vocab_chunk_size: vocabulary columns per tile (online logsumexp); None = whole vocabulary.
+      tile_tokens: most tokens in a sequence tile on one device (its rows of the batch times
+        the tile's positions); shrinks `chunk_size` for batches with many rows, since a logits
+        tile is [rows, positions, vocab_chunk] floats. None = `chunk_size` alone.
       logit_softcap: c for Gemma-2-style logits c * tanh(logits / c); None = no cap.
       compute_dtype: matmul dtype (e.g. jnp.bfloat16); None = the inputs' common dtype.
     """
     labels_BxT = jnp.asarray(labels_BxT)
     _check(hidden_BxTxD, unembed_DxV, labels_BxT, "token_logps")
     dtype = _compute_dtype(compute_dtype, hidden_BxTxD, unembed_DxV)
-    plan = _plan(labels_BxT.shape[1], unembed_DxV.shape[1], chunk_size, vocab_chunk_size, logit_softcap,
+    plan = _plan(labels_BxT, unembed_DxV.shape[1], chunk_size, vocab_chunk_size, tile_tokens, logit_softcap,
                  dtype, None)
     (logps,) = _fused_compacted(plan, hidden_BxTxD, unembed_DxV, None, None, labels_BxT,
                                 _bool_mask(mask_BxT, labels_BxT))
@@ -480,6 +539,7 @@ def token_logps_and_kl(
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     vocab_chunk_size: Optional[int] = None,
+    tile_tokens: Optional[int] = None,
     logit_softcap: Optional[float] = None,
     compute_dtype: Any = None,
 ) -> TokenLogpsAndKL:
@@ -503,7 +563,7 @@ def token_logps_and_kl(
                          f"{ref_unembed_DxV.shape[1]}")
     policy_dtype = _compute_dtype(compute_dtype, policy_hidden_BxTxD, policy_unembed_DxV)
     ref_dtype = _compute_dtype(compute_dtype, ref_hidden_BxTxD, ref_unembed_DxV)
-    plan = _plan(labels_BxT.shape[1], policy_unembed_DxV.shape[1], chunk_size, vocab_chunk_size,
+    plan = _plan(labels_BxT, policy_unembed_DxV.shape[1], chunk_size, vocab_chunk_size, tile_tokens,
                  logit_softcap, policy_dtype, ref_dtype)
     logps, ref_logps, kl = _fused_compacted(
         plan, policy_hidden_BxTxD, policy_unembed_DxV, jax.lax.stop_gradient(ref_hidden_BxTxD),
@@ -520,6 +580,7 @@ def token_kl(
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     vocab_chunk_size: Optional[int] = None,
+    tile_tokens: Optional[int] = None,
     logit_softcap: Optional[float] = None,
     compute_dtype: Any = None,
 ) -> Array:
@@ -531,8 +592,8 @@ def token_kl(
     labels = jnp.zeros(policy_hidden_BxTxD.shape[:2], jnp.int32)
     return token_logps_and_kl(
         policy_hidden_BxTxD, policy_unembed_DxV, ref_hidden_BxTxD, ref_unembed_DxV, labels, mask_BxT,
-        chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size, logit_softcap=logit_softcap,
-        compute_dtype=compute_dtype).kl
+        chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size, tile_tokens=tile_tokens,
+        logit_softcap=logit_softcap, compute_dtype=compute_dtype).kl
 
 
 def sequence_logps(token_logps_BxT: Array, mask_BxT: Array) -> tuple[Array, Array]:

@@ -135,6 +135,7 @@ def _compute(config: ml_collections.ConfigDict, setup: Any, mesh: Mesh, rules: A
         labels, mask, _, _ = response_logps.shifted(batch)
         tok = logprobs.token_logps(hidden, models.unembedding(graphdef, p), labels, mask_BxT=mask,
                                    chunk_size=config.logprob_chunk, vocab_chunk_size=config.vocab_chunk,
+                                   tile_tokens=config.logprob_tile_tokens,
                                    logit_softcap=cfg.final_logit_softcap)
         return response_logps.reduce_unpacked(tok, mask, k)[0].astype(jnp.float32)
 

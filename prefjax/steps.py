@@ -66,6 +66,7 @@ class StepSpec:
     columns: loss_inputs.Columns = loss_inputs.Columns()
     logprob_chunk: int = 256
     vocab_chunk: Optional[int] = None
+    logprob_tile_tokens: Optional[int] = 512
     lora: Optional[lora_lib.LoraConfig] = None
 
     @property
@@ -130,6 +131,7 @@ def responses(spec: StepSpec, cfg: ModelConfig, graphdef: nnx.GraphDef, params: 
     align, labels, mask, example_id, response_id = _targets(spec, mb)
     b, k = mb["weight"].shape[0], spec.num_responses
     kw = dict(chunk_size=spec.logprob_chunk, vocab_chunk_size=spec.vocab_chunk,
+              tile_tokens=spec.logprob_tile_tokens,
               logit_softcap=cfg.final_logit_softcap)
     hidden, unembed = _forward(graphdef, params, mb)
     hidden = align(hidden)
@@ -174,6 +176,7 @@ def _mismatched_logps(spec: StepSpec, cfg: ModelConfig, graphdef: nnx.GraphDef, 
     rows = response_logps.mismatched_rows(mb)
     labels, mask, _, _ = response_logps.shifted(rows)
     kw = dict(chunk_size=spec.logprob_chunk, vocab_chunk_size=spec.vocab_chunk,
+              tile_tokens=spec.logprob_tile_tokens,
               logit_softcap=cfg.final_logit_softcap)
     out = {}
     for name, p in (("kl_logps", params), ("ref_kl_logps", ref_params)):

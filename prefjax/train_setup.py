@@ -83,7 +83,8 @@ def step_spec(config: ml_collections.ConfigDict, columns: loss_inputs.Columns, n
         loss_name=config.loss_name, loss_hparams=config_lib.loss_hparams(config), num_responses=num_responses,
         packed=packed and not shared_prefix, shared_prefix=shared_prefix, grad_accum=config.grad_accum, reference=ref.kind, ref_update=ref.refresh,
         ref_update_every=ref.refresh_every, ref_alpha=ref.alpha, columns=columns,
-        logprob_chunk=config.logprob_chunk, vocab_chunk=config.vocab_chunk, lora=lora_config(config))
+        logprob_chunk=config.logprob_chunk, vocab_chunk=config.vocab_chunk,
+        logprob_tile_tokens=config.logprob_tile_tokens, lora=lora_config(config))
 
 
 def _copy(tree: Any, dtype: str) -> Any:

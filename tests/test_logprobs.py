@@ -8,6 +8,8 @@ shifted last tile), that exceed T, and with vocabulary tiles that do and do not 
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -391,3 +393,57 @@ def test_nothing_scored_gives_zeros_and_zero_gradients():
     g = jax.grad(lambda h, w: logprobs.token_logps(h, w, labels, mask_BxT=mask, chunk_size=5).sum(),
                  argnums=(0, 1))(h, w)
     assert not np.any(np.asarray(g[0])) and not np.any(np.asarray(g[1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiles bounded in tokens per device; the backward's buffers
+
+
+def test_tile_tokens_shrink_the_sequence_tile_by_the_rows_on_one_device():
+    labels = jnp.zeros((16, 1024), jnp.int32)
+    plan = lambda tokens: logprobs._plan(labels, 1000, 256, None, tokens, None, jnp.float32, None)  # noqa: E731
+    assert plan(None).seq_chunk == 256
+    assert plan(512).seq_chunk == 32  # 16 rows x 32 positions
+    assert plan(10**6).seq_chunk == 256  # never above chunk_size
+    assert plan(1).seq_chunk == logprobs._MIN_TILE_POSITIONS
+    with pytest.raises(ValueError, match="tile_tokens=0"):
+        plan(0)
+    from prefjax import sharding
+    with sharding.use_mesh(sharding.make_mesh({"data": 4, "fsdp": 2})):
+        assert plan(512).seq_chunk == 256  # 2 rows per device: 512 // 2 caps nothing below 256
+    with sharding.use_mesh(sharding.make_mesh({"tensor": 8})):
+        assert plan(512).seq_chunk == 32  # rows are not split over the tensor axis
+
+
+@pytest.mark.parametrize("tile_tokens", [4, 9, 40])
+def test_tile_tokens_give_the_same_values_and_gradients(tile_tokens):
+    h, w, h_ref, w_ref, labels, weights = _inputs(seed=5, batch=4, length=40)
+    mask = jnp.asarray(np.arange(40)[None, :] >= np.array([[3], [20], [0], [33]]))
+
+    def f(h, w, tokens):
+        o = logprobs.token_logps_and_kl(h, w, h_ref, w_ref, labels, mask, chunk_size=16, tile_tokens=tokens)
+        return jnp.sum(weights * o.policy_logps + 0.3 * o.kl), o
+
+    (_, got), g_got = jax.jit(jax.value_and_grad(lambda h, w: f(h, w, tile_tokens), (0, 1), has_aux=True))(h, w)
+    (_, want), g_want = jax.jit(jax.value_and_grad(lambda h, w: f(h, w, None), (0, 1), has_aux=True))(h, w)
+    for a, b, name in zip((*got, *g_got), (*want, *g_want), ("logps", "ref_logps", "kl", "d_hidden", "d_unembed")):
+        _assert_close(a, b, rtol=1e-5, atol=1e-6, what=name)
+    _assert_close(got.policy_logps, np.where(mask, np_token_logps(h, w, labels), 0), 1e-5, 1e-5)
+
+
+def test_scored_first_gradient_is_a_gather_not_a_scatter():
+    # The transpose of the scored-first permutation is its inverse (a gather); autodiff of a
+    # gather would scatter-add into a zero-filled [B, T, D] buffer.
+    h, w, _, _, labels, _ = _inputs(seed=2, batch=3, length=64)
+    mask = jnp.asarray(np.arange(64)[None, :] >= np.array([[40], [10], [50]]))
+    grad = jax.jit(jax.grad(lambda h: logprobs.token_logps(h, w, labels, mask_BxT=mask, chunk_size=8).sum()))
+    assert not re.search(r"\bscatter\(", grad.lower(h).compile().as_text())
+    want = jax.grad(lambda h: jnp.sum(jnp.where(mask, naive_token_logps(h, w, labels), 0)))(h)
+    _assert_close(grad(h), want, rtol=1e-4, atol=1e-6)
+
+
+def test_zeros_after_are_exact_zeros_whatever_the_value():
+    value = jnp.array([np.nan, np.inf, -np.inf, 3.0, -0.0], jnp.float32)
+    zeros = logprobs._zeros_after(value, (5, 3))
+    assert zeros.shape == (5, 3) and zeros.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(zeros), np.zeros((5, 3)))
