@@ -47,7 +47,7 @@ So the extra memory is O(B * chunk * vocab_chunk) for the tiles plus the gradien
 independent of T. `tile_tokens` bounds B * chunk (B counted on one device), so a batch with
 many rows gets shorter tiles; the train step's default, 512 tokens, costs no measurable time on
 the CPU benchmark sizes (benchmarks/RESULTS.md) and keeps the tiles small next to a small
-model's activations. dh starts as zeros tied to the incoming cotangent (`_zeros_after`), and
+model's activations. dh starts as zeros tied to the incoming cotangent (`prefjax.late_zeros`), and
 the scored-first permutation's transpose is a gather, so no [B, T, D] buffer is allocated
 before the backward pass needs it. Measured by benchmarks/logprobs_memory.py (XLA temporary buffers of the
 jitted forward + backward, float32, D = 128, chunk 128, CPU): the naive computation needs
@@ -75,7 +75,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from prefjax import sharding
+from prefjax import late_zeros, sharding
 
 Array = jax.Array
 
@@ -155,18 +155,6 @@ def _loop(step: Callable[[Any, Any], Any], carry: Any, n: int, active: Optional[
     if n == 1:
         return step(carry, 0)
     return jax.lax.fori_loop(0, n if active is None else active, lambda i, c: step(c, i), carry)
-
-
-def _zeros_after(value: Array, shape: tuple[int, ...]) -> Array:
-    """float32 zeros of `shape` (extending value's shape) that cannot be computed before `value`.
-
-    A zero-filled loop buffer depends on nothing, and XLA CPU fills it at the top of the
-    program, so a [B, T, D] gradient buffer would be held through the whole forward pass.
-    0 * (value where finite) is exactly zero and not folded away by XLA (x * 0 is not 0 for
-    a NaN x), which ties the buffer to the backward pass that produces `value`.
-    """
-    tie = jnp.where(jnp.isfinite(value), value, 0).astype(_F32) * 0
-    return jnp.broadcast_to(tie.reshape(tie.shape + (1,) * (len(shape) - tie.ndim)), shape)
 
 
 def _active_tiles(mask: Array, size: int) -> Array:
@@ -391,7 +379,7 @@ def _backward(plan: _Plan, residuals: tuple, cotangents: tuple) -> tuple:
             _take(lse_ref, start, size, 1), g_c, g_kl_c, keep, dw)
         return _accumulate(dh, dh_c, start, 1), dw
 
-    dh0 = _zeros_after(g, h.shape)
+    dh0 = late_zeros.zeros_after(g, h.shape)  # not filled before the backward pass
     dh, dw = _loop(step, (dh0, jnp.zeros(w.shape, _F32)), n, _active_tiles(mask, size))
     # Labels and mask are not differentiable; the reference gets no gradient (symbolic zeros).
     return dh.astype(h.dtype), dw.astype(w.dtype), None, None, None, None

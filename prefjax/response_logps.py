@@ -14,11 +14,12 @@ computed tile by tile without [R, T, V] logits, then reduced per response:
 
 from __future__ import annotations
 
+import functools
 
 import jax
 import jax.numpy as jnp
 
-from prefjax import logprobs
+from prefjax import late_zeros, logprobs
 
 Array = jax.Array
 
@@ -61,7 +62,29 @@ def shared_prefix_targets(batch: dict[str, Array], num_responses: int) -> tuple[
 
 def at_sources(hidden_RxTxD: Array, source_RxT: Array) -> Array:
     """hidden[r, source[r, t]] per (row, target token); a gather whose gradient is a scatter-add."""
-    return jnp.take_along_axis(hidden_RxTxD, jnp.clip(source_RxT, 0)[..., None], axis=1)
+    return _gather_sources(hidden_RxTxD.shape[1], hidden_RxTxD, jnp.clip(source_RxT, 0))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _gather_sources(length: int, hidden: Array, source: Array) -> Array:
+    return jnp.take_along_axis(hidden, source[..., None], axis=1)
+
+
+def _gather_sources_fwd(length, hidden, source):
+    return _gather_sources(length, hidden, source), (source,)
+
+
+def _gather_sources_bwd(length, residuals, d_out):
+    # Autodiff's transpose scatter-adds into zeros that XLA fills at the top of the program
+    # (a [rows, T, D] buffer held through the forward pass); these zeros wait for d_out.
+    (source,) = residuals
+    rows, _, dim = d_out.shape
+    target = late_zeros.zeros_after(d_out, (rows, length, dim), d_out.dtype)
+    d_hidden = target.at[jnp.arange(rows)[:, None], source].add(d_out)
+    return d_hidden, None
+
+
+_gather_sources.defvjp(_gather_sources_fwd, _gather_sources_bwd)
 
 
 def reduce_unpacked(values_RxT: Array, mask_RxT: Array, num_responses: int) -> tuple[Array, Array]:
