@@ -111,7 +111,9 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BxTxD: Array) -> Array:
         rows, length = x_BxTxD.shape[0], x_BxTxD.shape[1]
-        slices = mlp_backward_slices(self.backward_weight, rows // sharding.shards_along("batch", rows), length)
+        slices = 1
+        if sharding.shards_along("length", length) == 1:  # slicing a sharded axis would gather it
+            slices = mlp_backward_slices(self.backward_weight, rows // sharding.shards_along("batch", rows), length)
         return gated_mlp(self.activation, x_BxTxD.astype(self.dtype), self.gate[...].astype(self.dtype),
                          self.up[...].astype(self.dtype), self.down[...].astype(self.dtype), slices)
 
