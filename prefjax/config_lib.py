@@ -111,6 +111,18 @@ def validate(config: ConfigDict, num_devices: Optional[int] = None) -> None:
     _check_packing(config, num_devices)
     if config.total_steps < 1:
         _fail(f"total_steps={config.total_steps} must be >= 1")
+    _check_tiles(config)
+
+
+def _check_tiles(config: ConfigDict) -> None:
+    """Log-prob tiling: positive sizes (None where the key allows no limit)."""
+    for key, optional in (("logprob_chunk", False), ("vocab_chunk", True), ("logprob_tile_tokens", True)):
+        value = config[key]
+        if value is None and optional:
+            continue
+        if value is None or value < 1:
+            _fail(f"{key}={value!r} must be a positive number of {'tokens' if 'tokens' in key else 'entries'}"
+                  + (" or None (no limit)" if optional else ""))
 
 
 def _check_choice(key: str, value: Any, allowed: tuple) -> None:

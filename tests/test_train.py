@@ -180,6 +180,9 @@ def test_hf_model_on_a_chat_dataset_with_evaluation(tmp_path):
      "row_length=16 must be >= data.max_len"),
     ({"data.pack": True, "data.source": "pairs.jsonl", "data.pack_rows": 8, "data.pack_overflow": "skip"},
      "data.pack_overflow"),
+    ({"logprob_tile_tokens": 0}, r"logprob_tile_tokens=0 must be a positive number of tokens or None"),
+    ({"logprob_chunk": -1}, "logprob_chunk=-1 must be a positive"),
+    ({"vocab_chunk": 0}, "vocab_chunk=0"),
 ])
 def test_config_errors_name_the_key_and_the_choices(changes, message):
     config = _config()
@@ -191,6 +194,17 @@ def test_config_errors_name_the_key_and_the_choices(changes, message):
         node[leaf] = value
     with pytest.raises(config_lib.ConfigError, match=message):
         config_lib.validate(config)
+
+
+def test_log_prob_tiling_keys_reach_the_step():
+    from prefjax import loss_inputs, train_setup
+    config = _config()
+    config.logprob_chunk, config.vocab_chunk, config.logprob_tile_tokens = 32, 100, 64
+    spec = train_setup.step_spec(config, loss_inputs.Columns(), 2, packed=False)
+    assert (spec.logprob_chunk, spec.vocab_chunk, spec.logprob_tile_tokens) == (32, 100, 64)
+    config.logprob_tile_tokens = None
+    config_lib.validate(config)
+    assert train_setup.step_spec(config, loss_inputs.Columns(), 2, packed=False).logprob_tile_tokens is None
 
 
 def test_a_loss_that_needs_scores_refuses_data_without_them(tmp_path):
