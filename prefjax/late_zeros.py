@@ -19,8 +19,15 @@ import jax.numpy as jnp
 def zeros_after(value: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
     """Exact zeros of `shape` and `dtype` that cannot be computed before `value` is.
 
-    Whatever `value` holds (NaN and inf included) the result is +/-0.
+    Whatever `value` holds (NaN and inf included) the result is +/-0. The tie is elementwise
+    over the leading axes that `value` and `shape` share (the batch axis first), so under a
+    mesh each device ties its own shard: no element crosses devices. `value`'s other axes
+    contribute their first entry.
     """
-    first = jnp.ravel(value)[0]
+    shape = tuple(shape)
+    lead = 0
+    while lead < min(value.ndim, len(shape)) and value.shape[lead] == shape[lead]:
+        lead += 1
+    first = value[(slice(None),) * lead + (0,) * (value.ndim - lead)]
     tie = (jnp.where(jnp.isfinite(first), first, 0) * 0).astype(dtype)
-    return jnp.broadcast_to(tie, tuple(shape))
+    return jnp.broadcast_to(tie.reshape(shape[:lead] + (1,) * (len(shape) - lead)), shape)

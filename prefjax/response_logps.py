@@ -80,7 +80,8 @@ def _gather_sources_bwd(length, residuals, d_out):
     (source,) = residuals
     rows, _, dim = d_out.shape
     target = late_zeros.zeros_after(d_out, (rows, length, dim), d_out.dtype)
-    d_hidden = target.at[jnp.arange(rows)[:, None], source].add(d_out)
+    # vmapped over rows: a scatter with a batch dimension, which stays local to each row's shard
+    d_hidden = jax.vmap(lambda z, s, g: z.at[s].add(g))(target, source, d_out)
     return d_hidden, None
 
 

@@ -156,16 +156,18 @@ def shards_along(logical_axis: str, size: int) -> int:
     """Pieces the current mesh cuts a dimension of this logical axis and size into (1 without one).
 
     For choices made while tracing that depend on what one device holds, e.g. the rows of
-    the batch per device.
+    the batch per device. Mesh axes that do not divide what is left are skipped, as in
+    `logical_to_spec`, and so are rule axes the mesh lacks (a mesh made elsewhere).
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return 1
-    axes = logical_to_spec((logical_axis,), (size,), mesh)[0]
-    if axes is None:
-        return 1
-    axes = (axes,) if isinstance(axes, str) else axes
-    return math.prod(mesh.shape[a] for a in axes)
+    pieces, remaining = 1, size
+    for axis in _mesh_axes_for(logical_axis, current_rules()):
+        n = dict(mesh.shape).get(axis, 1)
+        if remaining % n == 0:
+            pieces, remaining = pieces * n, remaining // n
+    return pieces
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -8,10 +8,13 @@ custom gradient (a scatter-add into such zeros) must equal autodiff's and a nump
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 
 from prefjax import late_zeros, response_logps
 
@@ -51,3 +54,32 @@ def test_at_sources_gradient_is_the_scatter_add_of_a_gather():
         for t in range(6):
             want[r, max(int(source[r, t]), 0)] += np.asarray(weights[r, t])
     np.testing.assert_allclose(got_grad, want, rtol=1e-6, atol=1e-6)
+
+
+def _collectives(fn, *args):
+    text = jax.jit(fn).lower(*args).compile().as_text()
+    return {op: len(re.findall(op + r"(-start)?\(", text)) for op in ("all-gather", "all-reduce", "collective-permute")}
+
+
+def test_the_tie_adds_no_collective_under_a_mesh(monkeypatch):
+    # Each device ties its own shard: the sharded gradients need exactly the collectives they
+    # need with constant zeros (the unembedding's all-reduce), none to fetch a tie element.
+    from prefjax import logprobs, sharding
+    mesh = sharding.make_mesh({"data": 8})
+    with sharding.use_mesh(mesh):
+        rows = NamedSharding(mesh, PartitionSpec("data"))
+        h = jax.device_put(jax.random.normal(jax.random.key(0), (16, 64, 32)), rows)
+        w = jax.random.normal(jax.random.key(1), (32, 97))
+        labels = jax.device_put(jnp.zeros((16, 64), jnp.int32), rows)
+        mask = jax.device_put(jnp.asarray(np.arange(64)[None] >= np.arange(16)[:, None] * 3), rows)
+        source = jax.device_put(jnp.tile(jnp.arange(64)[::-1], (16, 1)), rows)
+
+        def loss(h):
+            lp = logprobs.token_logps(response_logps.at_sources(h, source), w, labels, mask_BxT=mask,
+                                      chunk_size=8, tile_tokens=64)
+            return jnp.sum(lp)
+
+        tied = _collectives(jax.grad(loss), h)
+        monkeypatch.setattr(late_zeros, "zeros_after", lambda v, shape, dtype=jnp.float32: jnp.zeros(shape, dtype))
+        constant = _collectives(jax.grad(loss), h)
+    assert tied == constant, (tied, constant)

@@ -78,3 +78,7 @@ def test_shards_along_counts_the_pieces_of_a_dimension_on_the_current_mesh():
         assert sharding.shards_along("batch", 2) == 2  # fsdp does not divide what data leaves
         assert sharding.shards_along("length", 16) == 1
         assert sharding.shards_along("heads", 8) == 2
+    # a mesh made elsewhere, without prefjax's fsdp and tensor axes
+    with jax.set_mesh(jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))):
+        assert sharding.shards_along("batch", 16) == 8
+        assert sharding.shards_along("heads", 8) == 1
