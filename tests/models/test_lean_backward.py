@@ -147,7 +147,7 @@ def test_slices_follow_the_mlp_share_of_the_saved_activations():
     assert layers.mlp_backward_slices(weight, 16, 256) == 4
     assert layers.mlp_backward_slices(weight, 16, 2048) == 4
     assert layers.mlp_backward_slices(weight, 16, 12) == 1  # 16 x 12 tokens: under the smallest slice
-    assert layers.mlp_backward_slices(weight, 1, 1024) == 3 + 1  # 256-token slices allowed
+    assert layers.mlp_backward_slices(weight, 1, 1024) == 4  # 3 does not divide 1024; 256-token slices allowed
     assert layers.mlp_backward_slices(5.0, 1, 1024) == 4  # wants 25, stops at the 256-token floor
     assert layers.mlp_backward_slices(weight, 300, 9) == 3
     assert layers.mlp_backward_slices(layers.mlp_backward_weight(deep), 16, 2048) == 1
