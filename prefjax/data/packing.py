@@ -217,21 +217,14 @@ class RowFiller:
             return None
         return free
 
-    def fits(self, seq_lengths: Sequence[int]) -> bool:
-        return self._placed(seq_lengths) is not None
-
     def take(self, seq_lengths: Sequence[int]) -> bool:
-        """Adds the example if it fits (one placement, not a check and then a second one)."""
+        """Adds the example if it fits and says whether it did (nothing changes when it does not)."""
         free = self._placed(seq_lengths)
         if free is None:
             return False
         self.free = free
         self.count += 1
         return True
-
-    def add(self, seq_lengths: Sequence[int]) -> None:
-        if not self.take(seq_lengths):
-            raise PackingOverflow(f"an example of {list(seq_lengths)} tokens does not fit the rows left")
 
 
 class PaddingStats:

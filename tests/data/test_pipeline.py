@@ -510,20 +510,19 @@ def test_fill_packed_rows_needs_packing_and_one_process_for_finite_epochs():
 
 
 def test_row_filler_keeps_room_for_the_fillers():
-    from prefjax.data.packing import PackingOverflow, RowFiller
+    from prefjax.data.packing import RowFiller
 
     filler = RowFiller(row_length=10, num_rows=2, batch_size=3, num_responses=2)
     # rows [10, 10] -> [2, 10]; the 2 fillers still to come need 4 sequences of 2: room for 1 + 5
-    assert filler.fits([4, 4])
-    filler.add([4, 4])
+    assert filler.take([4, 4])
+    assert filler.free == [2, 10] and filler.count == 1
     # [5, 5] would fill row 1 ([2, 0]): the last filler's 2 sequences would find room for 1
-    assert not filler.fits([5, 5])
-    assert filler.fits([3, 3])  # -> [2, 4]: room for 3 filler sequences, 2 needed
-    filler.add([3, 3])
-    assert not filler.fits([3, 3])  # fits no row whole; one 3 goes to row 1, the other finds no room
-    filler.add([1, 1])  # -> [0, 4], no filler left to place
-    assert filler.count == 3 and not filler.fits([1, 1])  # 3 examples is the batch size
-    with pytest.raises(PackingOverflow):
-        filler.add([1, 1])
+    assert not filler.take([5, 5])
+    assert filler.free == [2, 10] and filler.count == 1  # a refused example changes nothing
+    assert filler.take([3, 3])  # -> [2, 4]: room for 3 filler sequences, 2 needed
+    assert not filler.take([3, 3])  # fits no row whole; one 3 goes to row 1, the other finds no room
+    assert filler.take([1, 1])  # -> [0, 4], no filler left to place
+    assert filler.count == 3 and not filler.take([1, 1])  # 3 examples is the batch size
+    assert filler.count == 3 and filler.free == [0, 4]
     filler.reset()
     assert filler.count == 0 and filler.free == [10, 10]
