@@ -34,6 +34,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -549,60 +550,53 @@ ffi::Error LayoutBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
 
 }  // namespace
 
+// The four handlers' bindings share their parts: q, k, v (with the thread pool) first, then
+// the mask (a [B, T, T] bool array, or the layout's positions, segments, branches), then,
+// for the backward, out, lse and d_out; the attributes and results close each chain.
+namespace {
+
+using F32Buffer = ffi::Buffer<ffi::F32>;
+using S32Buffer = ffi::Buffer<ffi::S32>;
+
+auto BindQkv() { return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32Buffer>().Arg<F32Buffer>().Arg<F32Buffer>(); }
+
+template <typename Binding>
+auto WithLayout(Binding binding) {
+  return std::move(binding).template Arg<S32Buffer>().template Arg<S32Buffer>().template Arg<S32Buffer>();
+}
+
+template <typename Binding>
+auto WithOutLseDout(Binding binding) {
+  return std::move(binding).template Arg<F32Buffer>().template Arg<F32Buffer>().template Arg<F32Buffer>();
+}
+
+}  // namespace
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PrefjaxAttentionForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                              BindQkv()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Attr<float>("scale")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<F32Buffer>()
+                                  .Ret<F32Buffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PrefjaxAttentionBackward, Backward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                              WithOutLseDout(BindQkv().Arg<ffi::Buffer<ffi::PRED>>())
                                   .Attr<float>("scale")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<F32Buffer>()
+                                  .Ret<F32Buffer>()
+                                  .Ret<F32Buffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PrefjaxAttentionLayoutForward, LayoutForward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
+                              WithLayout(BindQkv())
                                   .Attr<float>("scale")
                                   .Attr<int64_t>("window")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<F32Buffer>()
+                                  .Ret<F32Buffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PrefjaxAttentionLayoutBackward, LayoutBackward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                              WithOutLseDout(WithLayout(BindQkv()))
                                   .Attr<float>("scale")
                                   .Attr<int64_t>("window")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<F32Buffer>()
+                                  .Ret<F32Buffer>()
+                                  .Ret<F32Buffer>());
