@@ -6,9 +6,9 @@ Each shape is B x T x heads x kv_heads x head_dim (causal, GQA). The work per ca
 DPO step asks of one layer: the policy's forward and backward and the frozen reference's
 forward. Implementations:
 
-  fused     prefjax's C++ kernel through the XLA FFI (prefjax.models.cpu_attention)
-  flash     prefjax's tiled online-softmax attention in plain JAX (prefjax.models.flash_attention)
-  blocked   prefjax's query-blocked einsum attention (prefjax.models.attention.blocked_attention)
+  fused     prefjax's C++ kernel through the XLA FFI (prefjax.models.cpu.fused_attention)
+  flash     prefjax's tiled online-softmax attention in plain JAX (prefjax.models.cpu.flash_attention)
+  blocked   prefjax's query-blocked einsum attention (prefjax.models.cpu.blocked_attention)
   xla       jax.nn.dot_product_attention
   torch     torch.nn.functional.scaled_dot_product_attention (TRL's path; only if torch imports)
 
@@ -26,7 +26,7 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from prefjax.models import attention, cpu_attention, flash_attention
+from prefjax.models.cpu import blocked_attention, flash_attention, fused_attention
 
 DEFAULT_SHAPES = "16x1024x4x2x16,16x1024x8x4x32,16x256x8x4x32,16x256x12x4x64"
 IMPLEMENTATIONS = ("fused", "flash", "blocked", "xla", "torch")
@@ -45,11 +45,12 @@ def _median_ms(call: Callable[[], object], repeats: int) -> float:
 def _jax_layer(impl: str, q, k, v, mask, scale: float) -> Callable[[], object]:
     def attend(q, k, v):
         if impl == "fused":
-            return cpu_attention.fused_attention(q, k, v, mask, scale=scale)
+            return fused_attention.fused_attention(q, k, v, mask, scale=scale)
         if impl == "flash":
             return flash_attention.flash_attention(q, k, v, mask, scale=scale)
         if impl == "blocked":
-            return attention.blocked_attention(q, k, v, mask, scale=scale, logit_softcap=None, block_size=64)
+            return blocked_attention.blocked_attention(q, k, v, mask, scale=scale, logit_softcap=None,
+                                                       block_size=64)
         return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale)
 
     def layer(q, k, v):
@@ -85,7 +86,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     impls = args.impls.split(",")
-    print(f"fused kernel: {'built' if cpu_attention.available() else cpu_attention.unavailable_reason()}")
+    print(f"fused kernel: {'built' if fused_attention.available() else fused_attention.unavailable_reason()}")
     print("| B x T x heads x kv x head_dim | " + " | ".join(f"{i} (ms)" for i in impls) + " |")
     print("|---" * (len(impls) + 1) + "|")
     for shape in args.shapes.split(","):
@@ -99,7 +100,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         for impl in impls:
             if impl == "torch":
                 layer = _torch_layer(b, t, n, kv, h)
-            elif impl == "fused" and not cpu_attention.available():
+            elif impl == "fused" and not fused_attention.available():
                 layer = None
             else:
                 layer = _jax_layer(impl, q, k, v, mask, float(h) ** -0.5)

@@ -155,10 +155,10 @@ def cpu_model() -> str:
 def peak_flops(dtype: str) -> tuple[float, str]:
     """The MFU denominator: on CPU the best float32 rate of a 4096 x 4096 jitted matmul on this
     machine (before any runner starts); on an accelerator the datasheet's dense peak for `dtype`
-    (prefjax.metrics), with a measured 8192^3 matmul on random data printed beside it."""
+    (prefjax.train.metrics), with a measured 8192^3 matmul on random data printed beside it."""
     import jax
 
-    from prefjax import metrics
+    from prefjax.train import metrics
 
     device = jax.devices()[0]
     if device.platform == "cpu":
@@ -183,7 +183,8 @@ def peak_flops(dtype: str) -> tuple[float, str]:
 def annotate(row: dict, peak: float) -> dict:
     """Adds the cell's model FLOPs per step and required memory (the same for every framework but
     prefjax-shared, which computes each prompt once)."""
-    from prefjax import memory_budget, metrics
+    from prefjax.models import memory_budget
+    from prefjax.train import metrics
 
     cfg = dataclasses.replace(workload.model_config(row["size"], row["seq"]), dtype=row.get("dtype", "float32"))
     tokens = 2 * row["pairs"] * row["seq"]
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{cores} cores, load average {os.getloadavg()[0]:.1f}; "
           + "; ".join(f"{r['framework']}: {r['version']}" for r in first))
     print(f"MFU: model FLOPs (policy forward + backward = 3 forwards, reference forward = 1; matmuls + causal "
-          f"attention, prefjax.metrics.preference_step_flops) / step time / peak ({peak_source})")
+          f"attention, prefjax.train.metrics.preference_step_flops) / step time / peak ({peak_source})")
     print()
     ok = table.print_tables(rows, args.loss_tol, args.logp_rtol)
     print()

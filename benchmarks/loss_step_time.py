@@ -5,7 +5,7 @@
 A loss runs on per-example sequence log-probs, so its cost should be noise
 next to the model's forward and backward; this prints how much noise, per loss
 (median over repeats, after compilation), so a regression shows up as an
-outlier row. Inputs come from `prefjax.losses.synthetic` (the same generator
+outlier row. Inputs come from `prefjax.data.synthetic_logps` (the same generator
 the registry-wide tests use). It prints a table and asserts nothing.
 """
 
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from prefjax import losses
-from prefjax.losses import synthetic
+from prefjax.data import synthetic_logps as synthetic
 
 
 def _objective(spec: losses.LossSpec, inputs, state):

@@ -200,7 +200,7 @@ def measure(
     for group in groups:
         batch, left_out = build_batch(group, slots, NUM_RESPONSES, layout, PAD_ID, kind="pair")
         stats.add_batch(batch, pack_dropped=left_out)
-        segments = batch["segments"]
+        segments = batch.segments
         used = (segments > 0).any(axis=1)
         rows += segments.shape[0]
         used_rows_slots += int(used.sum()) * segments.shape[1]

@@ -6,7 +6,7 @@
 For each model, each reference strategy (frozen: the reference forward runs in the
 step; precomputed: its log-probs come with the batch; none: a reference-free loss,
 SimPO) and each gradient-accumulation setting, it compiles the jitted step
-(prefjax.steps.train_step, the trainer's own), runs it and prints: median step time,
+(prefjax.train.steps.train_step, the trainer's own), runs it and prints: median step time,
 tokens/s (real tokens), MFU (model FLOPs of policy forward+backward plus the reference
 forward, over the device's peak: datasheet on TPU/GPU, a measured matmul rate on
 CPU), and the step program's peak memory from XLA's memory analysis (arguments +
@@ -25,8 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from prefjax import loss_inputs, metrics, models, steps, synthetic_batches
-from prefjax.state import TrainState
+from prefjax import models, roles, scoring
+from prefjax.data import synthetic_batches
+from prefjax.train import loss_inputs, metrics, steps
+from prefjax.train.state import TrainState
 
 MODELS = {
     "tiny": models.get_preset("llama2-tiny"),
@@ -42,17 +44,18 @@ def _bench(cfg, strategy: str, accum: int, batch_size: int, length: int, n_steps
     loss_name, reference = STRATEGIES[strategy]
     graphdef, params = models.init_params(cfg, seed=0)
     tx = optax.adamw(1e-4)
-    spec = steps.StepSpec(loss_name=loss_name, loss_hparams=(), num_responses=2, reference=reference,
+    spec = steps.StepSpec(loss_name=loss_name, loss_hparams=(), reference=roles.Reference(reference),
                           grad_accum=accum, columns=loss_inputs.Columns())
     trainable = {"model": params}
     state = TrainState(step=jnp.zeros((), jnp.int32), params=trainable, opt_state=tx.init(trainable),
                        loss_state={}, nonfinite_steps=jnp.zeros((), jnp.int32))
-    frozen = jax.tree.map(jnp.copy, params) if reference == "frozen" else None
+    frozen = roles.Fixed(reference=jax.tree.map(jnp.copy, params) if reference == "frozen" else None)
     local = synthetic_batches.random_batch(batch_size, 2, length, cfg.vocab_size, seed=0, fill=1.0)
     if reference == "precomputed":
-        local["ref_logps"] = np.full((batch_size, 2), -50.0, np.float32)
-    batch = {k: jnp.asarray(v) for k, v in local.items()}
-    fn = jax.jit(functools.partial(steps.train_step, spec, cfg, graphdef, tx, lambda s: 1e-4), donate_argnums=(0,))
+        local = local.replace(ref_logps=np.full((batch_size, 2), -50.0, np.float32))
+    batch = local.map(jnp.asarray)
+    fn = jax.jit(functools.partial(steps.train_step, spec, scoring.Model(cfg, graphdef), tx, lambda s: 1e-4),
+                 donate_argnums=(0,))
     start = time.perf_counter()
     compiled = fn.lower(state, frozen, batch).compile()
     compile_s = time.perf_counter() - start
@@ -70,8 +73,8 @@ def _bench(cfg, strategy: str, accum: int, batch_size: int, length: int, n_steps
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t0)
     seconds = statistics.median(times)
-    real_tokens = float(np.sum(local["segments"] > 0))
-    flops = metrics.preference_step_flops(cfg, local["tokens"].size, length, reference_forward=reference == "frozen")
+    real_tokens = float(np.sum(local.segments > 0))
+    flops = metrics.preference_step_flops(cfg, local.tokens.size, length, reference_forward=reference == "frozen")
     return dict(params=models.count(params), compile=compile_s, seconds=seconds, tokens=real_tokens / seconds,
                 mfu=metrics.mfu(flops, seconds, 1, peak), memory=peak_bytes)
 

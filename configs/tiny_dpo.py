@@ -2,14 +2,15 @@
 
     python -m prefjax.main --config=configs/tiny_dpo.py --workdir=/tmp/prefjax-tiny-dpo
 
-20 steps of 8 random preference pairs (64 tokens) on llama2-tiny with a frozen reference,
+20 steps of 8 random preference pairs (64 tokens) on llama2-tiny with a frozen reference
+(reference.kind "auto": the frozen copy the loss needs, none for reference-free losses),
 AdamW, checkpoints every 10 steps, a Hugging Face export at the end. Expected: the loss
 falls from log 2 = 0.693 towards ~0.1 as the policy memorises the random pairs, reward
 accuracy reaches 1.0, in about 20 s on 2 CPU cores (mostly compilation). Rerunning the
 command resumes (and, once finished, only re-exports). Any loss:
 
     --config=configs/tiny_dpo.py:ipo         (that loss, with its paper defaults as keys)
-    --config.loss_name=simpo --config.reference.kind=none
+    --config.loss_name=simpo                 (reference-free: no reference copy is held)
     --config.data.source=tests/fixtures/data/pairs_chat.jsonl --config.data.tokenizer=... 
 """
 
@@ -19,8 +20,8 @@ from typing import Optional
 
 import ml_collections
 
-from prefjax import config_lib
 from prefjax.losses import registry
+from prefjax.train import config_lib
 
 
 def get_config(loss_name: Optional[str] = None) -> ml_collections.ConfigDict:
@@ -34,6 +35,4 @@ def get_config(loss_name: Optional[str] = None) -> ml_collections.ConfigDict:
     if loss_name:
         config.loss_name = loss_name
         config.loss = ml_collections.ConfigDict(registry.get(loss_name).hparam_defaults)
-        if not registry.get(loss_name).needs_reference:
-            config.reference.kind = "none"
     return config

@@ -46,7 +46,7 @@ def is_finished(workdir: str | Path, total_steps: int) -> bool:
 def last_metrics(workdir: str | Path) -> dict[str, Any]:
     """The last record of metrics.jsonl ({} when there is none): progress of an unfinished run.
 
-    A torn last line (a run killed mid-write) is skipped, as prefjax.metrics does.
+    A torn last line (a run killed mid-write) is skipped, as prefjax.train.metrics does.
     """
     path = Path(workdir) / METRICS
     if not path.is_file():

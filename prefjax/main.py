@@ -132,13 +132,14 @@ def main(argv: Sequence[str]) -> None:
     if job not in JOBS:
         source = config_flags.get_config_filename(flags.FLAGS["config"])
         sys.exit(f"error: {source}: field job={job!r}; set config.job to one of {list(JOBS)} "
-                 "(prefjax.config_lib.trainer_config() starts a training config)")
+                 "(prefjax.train.config_lib.trainer_config() starts a training config)")
     if job == "train":
         if not flags.FLAGS["verbosity"].present:
             # orbax logs every file it renames at INFO; the trainer's own progress line suffices.
             absl_logging.set_verbosity(absl_logging.WARNING)
         _init_distributed(config)
-        from prefjax import config_lib, train  # pylint: disable=import-outside-toplevel
+        from prefjax import train  # pylint: disable=import-outside-toplevel
+        from prefjax.train import config_lib  # pylint: disable=import-outside-toplevel
         try:
             train.run(config, _WORKDIR.value)
         except (config_lib.ConfigError, train.NonFiniteLossError) as e:

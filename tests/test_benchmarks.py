@@ -44,3 +44,9 @@ def test_attention_kernel_benchmark_prints_a_row_per_shape():
                "--repeats", "1")
     rows = [line for line in out.splitlines() if line.startswith("| 2x70") or line.startswith("| 1x40")]
     assert len(rows) == 2, out
+
+
+def test_xla_path_memory_prints_a_row_per_variant():
+    out = _run("xla_path_memory.py", "--sizes", "tiny", "--pairs", "2", "--length", "32")
+    rows = [line for line in out.splitlines() if line.startswith("| tiny")]
+    assert len(rows) == 4 and "attention_impl=xla" in out, out

@@ -93,7 +93,7 @@ def test_bfloat16_cell_with_a_given_interpreter_and_merged_tables(tmp_path):
     assert math.isclose(prefjax["losses"][0], math.log(2.0), abs_tol=1e-2)
     # bf16 activations: the arithmetic counts 2 bytes per saved activation value.
     f32 = workload.model_config("tiny", 32)
-    from prefjax import memory_budget
+    from prefjax.models import memory_budget
 
     need_f32 = memory_budget.preference_step_memory(f32, 2 * 2 * 32)
     need_bf16 = memory_budget.preference_step_memory(f32.replace(dtype="bfloat16"), 2 * 2 * 32)

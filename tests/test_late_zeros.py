@@ -2,7 +2,7 @@
 
 The zeros must be exact whatever the value holds and must survive compilation as a product
 with the value (a constant would be filled at the program's start); their effect on a whole
-step's compiled memory is checked in tests/test_memory_budget.py. The shared-prefix gather's
+step's compiled memory is checked in tests/models/test_memory_budget.py. The shared-prefix gather's
 custom gradient (a scatter-add into such zeros) must equal autodiff's and a numpy count.
 """
 
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from prefjax import late_zeros, response_logps
+from prefjax import late_zeros, scoring
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -41,7 +41,7 @@ def test_at_sources_gradient_is_the_scatter_add_of_a_gather():
     # repeated and out-of-order sources (a prompt's last token feeds every response's first target)
     source = jnp.array([[0, 2, 2, 5, -1, 1], [3, 3, 3, 0, 1, 2], [5, 4, 3, 2, 1, 0]])
     weights = jax.random.normal(jax.random.key(1), (3, 6, 4))
-    got_value, got_grad = jax.value_and_grad(lambda h: jnp.sum(response_logps.at_sources(h, source) * weights))(hidden)
+    got_value, got_grad = jax.value_and_grad(lambda h: jnp.sum(scoring.at_sources(h, source) * weights))(hidden)
 
     def plain(h):
         return jnp.sum(jnp.take_along_axis(h, jnp.clip(source, 0)[..., None], axis=1) * weights)
@@ -75,7 +75,7 @@ def test_the_tie_adds_no_collective_under_a_mesh(monkeypatch):
         source = jax.device_put(jnp.tile(jnp.arange(64)[::-1], (16, 1)), rows)
 
         def loss(h):
-            lp = logprobs.token_logps(response_logps.at_sources(h, source), w, labels, mask_BxT=mask,
+            lp = logprobs.token_logps(scoring.at_sources(h, source), w, labels, mask_BxT=mask,
                                       chunk_size=8, tile_tokens=64)
             return jnp.sum(lp)
 

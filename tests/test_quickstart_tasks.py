@@ -12,11 +12,24 @@ import jax
 import numpy as np
 import pytest
 
-from prefjax import config_lib, models
+from prefjax import models
+from prefjax.batch import Batch
 from prefjax.data import records, sources, tokenize
 from prefjax.models.config import ModelConfig
-from prefjax.quickstart import (evaluate, frontier, grid, label_noise, pipeline, plots, report, rollouts,
-                                tasks, vocab, west_of_n)
+from prefjax.quickstart import (
+    evaluate,
+    frontier,
+    grid,
+    label_noise,
+    pipeline,
+    plots,
+    report,
+    rollouts,
+    tasks,
+    vocab,
+    west_of_n,
+)
+from prefjax.train import config_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -118,13 +131,13 @@ def test_tokenizer_round_trips_and_matches_the_data_pipeline(name, tmp_path):
 # --------------------------------------------------------------------------------- rollouts
 
 
-def test_build_rows_layout():
-    rows = rollouts.build_rows([[5, 6], [7]], [[8, 1], [9, 9, 1]], 6, pad_id=0)
-    np.testing.assert_array_equal(rows["tokens"], [[5, 6, 8, 1, 0, 0], [7, 9, 9, 1, 0, 0]])
-    np.testing.assert_array_equal(rows["loss_mask"], [[0, 0, 1, 1, 0, 0], [0, 1, 1, 1, 0, 0]])
-    np.testing.assert_array_equal(rows["segments"], [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0]])
+def test_rows_from_sequences_layout():
+    rows = Batch.from_sequences([[5, 6], [7]], [[8, 1], [9, 9, 1]], 6, pad_id=0)
+    np.testing.assert_array_equal(rows.tokens, [[5, 6, 8, 1, 0, 0], [7, 9, 9, 1, 0, 0]])
+    np.testing.assert_array_equal(rows.loss_mask, [[0, 0, 1, 1, 0, 0], [0, 1, 1, 1, 0, 0]])
+    np.testing.assert_array_equal(rows.segments, [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0]])
     with pytest.raises(ValueError, match="row 0.*exceed the row length 3"):
-        rollouts.build_rows([[5, 6]], [[8, 1]], 3, pad_id=0)
+        Batch.from_sequences([[5, 6]], [[8, 1]], 3, pad_id=0)
 
 
 def test_scored_logps_match_the_samplers_own(tmp_path):

@@ -1,4 +1,4 @@
-"""prefjax's side of the comparison: the trainer's jitted step (prefjax.steps.train_step), as
+"""prefjax's side of the comparison: the trainer's jitted step (prefjax.train.steps.train_step), as
 benchmarks/train_step.py runs it, on the shared HF folder and pairs.
 
 Run by compare_trl_tunix.py as `python run_prefjax.py JOB.json RESULT.json [--share-prefix]`;
@@ -16,9 +16,11 @@ from typing import Any
 import runner_common
 
 
-def _batch(job: dict[str, Any]) -> dict[str, Any]:
+def _batch(job: dict[str, Any]) -> Any:
     """The pipeline's unpacked layout: row k*B + b is response k (0 chosen, 1 rejected) of pair b."""
     import numpy as np
+
+    from prefjax.batch import Batch
 
     b, seq = job["pairs"], job["seq"]
     p = len(job["prompt"][0])
@@ -28,12 +30,12 @@ def _batch(job: dict[str, Any]) -> dict[str, Any]:
             tokens[k * b + i] = job["prompt"][i] + responses[i]
     loss_mask = np.zeros((2 * b, seq), np.float32)
     loss_mask[:, p:] = 1.0  # every response token is scored, as TRL and Tunix do
-    return dict(tokens=tokens, positions=np.broadcast_to(np.arange(seq, dtype=np.int32), (2 * b, seq)).copy(),
-                segments=np.ones((2 * b, seq), np.int32), loss_mask=loss_mask,
-                example_id=np.tile(np.arange(b, dtype=np.int32), 2)[:, None].repeat(seq, 1),
-                response_id=np.repeat(np.arange(2, dtype=np.int32), b)[:, None].repeat(seq, 1),
-                weight=np.ones(b, np.float32), scores=np.zeros((b, 2), np.float32),
-                margin=np.zeros(b, np.float32), label=np.ones(b, np.float32))
+    return Batch(tokens=tokens, positions=np.broadcast_to(np.arange(seq, dtype=np.int32), (2 * b, seq)).copy(),
+                 segments=np.ones((2 * b, seq), np.int32), loss_mask=loss_mask,
+                 example_id=np.tile(np.arange(b, dtype=np.int32), 2)[:, None].repeat(seq, 1),
+                 response_id=np.repeat(np.arange(2, dtype=np.int32), b)[:, None].repeat(seq, 1),
+                 weight=np.ones(b, np.float32), scores=np.zeros((b, 2), np.float32),
+                 margin=np.zeros(b, np.float32), label=np.ones(b, np.float32))
 
 
 def run(job: dict[str, Any]) -> dict[str, Any]:
@@ -41,9 +43,10 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     import jax.numpy as jnp
     import optax
 
-    from prefjax import loss_inputs, steps
+    from prefjax import roles, scoring
     from prefjax.models import hf_checkpoint
-    from prefjax.state import TrainState
+    from prefjax.train import loss_inputs, steps
+    from prefjax.train.state import TrainState
 
     overrides = {"dtype": job.get("dtype", "float32")}  # compute dtype; parameters stay float32
     if job.get("attention"):
@@ -54,17 +57,17 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     from prefjax.data import prefix_sharing
 
     shared = "--share-prefix" in sys.argv[3:]
-    spec = steps.StepSpec(loss_name="dpo", loss_hparams=(("beta", job["beta"]),), num_responses=2,
-                          reference="frozen", columns=loss_inputs.Columns(), shared_prefix=shared)
+    spec = steps.StepSpec(loss_name="dpo", loss_hparams=(("beta", job["beta"]),), reference=roles.Reference("frozen"),
+                          columns=loss_inputs.Columns())
     trainable = {"model": ckpt.params}
     state = TrainState(step=jnp.zeros((), jnp.int32), params=trainable, opt_state=tx.init(trainable),
                        loss_state={}, nonfinite_steps=jnp.zeros((), jnp.int32))
-    frozen = jax.tree.map(jnp.copy, ckpt.params)
+    frozen = roles.Fixed(reference=jax.tree.map(jnp.copy, ckpt.params))
     rows = _batch(job)
     if shared:
-        rows = prefix_sharing.share_prefixes(rows, 2, multiple=64)
-    batch = {k: jnp.asarray(v) for k, v in rows.items()}
-    fn = jax.jit(functools.partial(steps.train_step, spec, ckpt.cfg, ckpt.graphdef, tx, lambda s: lr),
+        rows = prefix_sharing.share_prefixes(rows, multiple=64)
+    batch = rows.map(jnp.asarray)
+    fn = jax.jit(functools.partial(steps.train_step, spec, scoring.Model(ckpt.cfg, ckpt.graphdef), tx, lambda s: lr),
                  donate_argnums=(0,))
     start = time.perf_counter()
     compiled = fn.lower(state, frozen, batch).compile()

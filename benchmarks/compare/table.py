@@ -86,7 +86,7 @@ def loss_check(rows: list[Row], tol: float, logp_rtol: float) -> tuple[str, bool
 
 
 def memory_table(rows: list[Row]) -> str:
-    """Peak memory against what the step must hold (prefjax.memory_budget), per framework.
+    """Peak memory against what the step must hold (prefjax.models.memory_budget), per framework.
 
     prefjax also reports XLA's own peak for the step program (inputs + outputs + temporaries,
     donated buffers counted once). Peak memory is the accelerator's high-water mark of allocated

@@ -1,9 +1,9 @@
-"""Tokenized examples -> the Batch dict of the data contract (numpy, one process's slice).
+"""Tokenized examples -> a prefjax.batch.Batch (numpy, one process's slice).
 
     batch = build_batch(examples, batch_size=8, num_responses=2, layout=LayoutConfig(max_len=512),
                         pad_id=tokenizer.pad_token_id)
 
-Keys and shapes (B = ``batch_size`` examples, K = responses per example, R rows of T):
+Fields and shapes (B = ``batch_size`` examples, K = responses per example, R rows of T):
 tokens / positions / segments / example_id / response_id int32 [R, T], loss_mask float32
 [R, T], weight / margin / label float32 [B], scores float32 [B, K].
 
@@ -25,11 +25,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from prefjax.batch import Batch, empty_rows
 from prefjax.data.packing import LayoutConfig, RowFiller, bucket_length, pack_sequences
 from prefjax.data.tokenize import TokenizedExample
-
-ROW_KEYS = ("tokens", "positions", "segments", "loss_mask", "example_id", "response_id")
-EXAMPLE_KEYS = ("weight", "scores", "margin", "label")
 
 
 def filler_example(kind: str, num_responses: int, pad_id: int) -> TokenizedExample:
@@ -56,17 +54,6 @@ def _check_uniform(examples: Sequence[TokenizedExample], kind: Optional[str], nu
             )
 
 
-def _empty_rows(num_rows: int, length: int, pad_id: int) -> dict[str, np.ndarray]:
-    return {
-        "tokens": np.full((num_rows, length), pad_id, np.int32),
-        "positions": np.zeros((num_rows, length), np.int32),
-        "segments": np.zeros((num_rows, length), np.int32),
-        "loss_mask": np.zeros((num_rows, length), np.float32),
-        "example_id": np.full((num_rows, length), -1, np.int32),
-        "response_id": np.full((num_rows, length), -1, np.int32),
-    }
-
-
 def _write(
     rows: dict[str, np.ndarray], row: int, start: int, segment: int, example: TokenizedExample, b: int, k: int
 ) -> None:
@@ -87,8 +74,8 @@ def build_batch(
     layout: LayoutConfig,
     pad_id: int,
     kind: Optional[str] = None,
-) -> tuple[dict[str, np.ndarray], int]:
-    """(the Batch dict, number of examples left out by packing overflow) for up to ``batch_size`` examples."""
+) -> tuple[Batch, int]:
+    """(the Batch, number of examples left out by packing overflow) for up to ``batch_size`` examples."""
     if len(examples) > batch_size:
         raise ValueError(f"build_batch: {len(examples)} examples for a batch of {batch_size}")
     _check_uniform(examples, kind, num_responses)
@@ -101,7 +88,7 @@ def build_batch(
         placements, left_out = pack_sequences(
             lengths, layout.packed_row_length, layout.pack_rows, layout.pack_overflow
         )
-        rows = _empty_rows(layout.pack_rows, layout.packed_row_length, pad_id)
+        rows = empty_rows(layout.pack_rows, layout.packed_row_length, pad_id)
         segment_count = [0] * layout.pack_rows
         for p in placements:
             segment_count[p.row] += 1
@@ -109,41 +96,18 @@ def build_batch(
     else:
         longest = max(ex.sequence_length(k) for ex in slots for k in range(num_responses))
         length = bucket_length(longest, layout.max_len, layout.buckets, layout.min_bucket)
-        rows = _empty_rows(num_responses * batch_size, length, pad_id)
+        rows = empty_rows(num_responses * batch_size, length, pad_id)
         for b, ex in enumerate(slots):
             for k in range(num_responses):
                 _write(rows, k * batch_size + b, 0, 1, ex, b, k)
     weight = np.asarray([ex.weight for ex in slots], np.float32)
     weight[left_out] = 0.0  # dropped by packing overflow: in no row, so it must not count
-    batch = dict(rows)
-    batch["weight"] = weight
-    batch["scores"] = np.asarray([ex.scores for ex in slots], np.float32).reshape(batch_size, num_responses)
-    batch["margin"] = np.asarray([ex.margin for ex in slots], np.float32)
-    batch["label"] = np.asarray([ex.label for ex in slots], np.float32)
+    batch = Batch(**rows, weight=weight,
+                  scores=np.asarray([ex.scores for ex in slots], np.float32).reshape(batch_size, num_responses),
+                  margin=np.asarray([ex.margin for ex in slots], np.float32),
+                  label=np.asarray([ex.label for ex in slots], np.float32),
+                  num_responses=num_responses, layout="packed" if layout.pack else "unpacked")
     return batch, len(left_out)
-
-
-def pad_batch_length(batch: dict[str, np.ndarray], length: int, pad_id: int) -> dict[str, np.ndarray]:
-    """The batch with its rows padded on the right to ``length`` (used to agree on T across processes)."""
-    current = batch["tokens"].shape[1]
-    if length < current:
-        raise ValueError(f"pad_batch_length: cannot shorten rows of {current} to {length}")
-    if length == current:
-        return batch
-    fill = {
-        "tokens": pad_id,
-        "positions": 0,
-        "segments": 0,
-        "loss_mask": 0.0,
-        "example_id": -1,
-        "response_id": -1,
-    }
-    if "branches" in batch:  # prefix-shared rows (prefjax.data.prefix_sharing)
-        fill["branches"] = 0
-    out = dict(batch)
-    for key, value in fill.items():
-        out[key] = np.pad(batch[key], ((0, 0), (0, length - current)), constant_values=value)
-    return out
 
 
 def row_filler(layout: LayoutConfig, batch_size: int, num_responses: int, kind: str = "pair",

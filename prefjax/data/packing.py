@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import Mapping, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
+
+from prefjax.batch import Batch
 
 Buckets = Union[None, str, int, Sequence[int]]
 OVERFLOW_MODES = ("error", "drop")
@@ -243,7 +245,7 @@ class PaddingStats:
             "pack_dropped": 0,
         }
 
-    def add_batch(self, batch: Mapping[str, np.ndarray], pack_dropped: int = 0) -> None:
+    def add_batch(self, batch: Batch, pack_dropped: int = 0) -> None:
         counts = batch_padding(batch)
         with self._lock:
             self._counts["batches"] += 1
@@ -259,11 +261,11 @@ class PaddingStats:
         return counts
 
 
-def batch_padding(batch: Mapping[str, np.ndarray]) -> dict[str, int]:
-    """Slot counts of one batch dict (numpy, contract layout)."""
-    segments = np.asarray(batch["segments"])
-    example_id = np.asarray(batch["example_id"])
-    weight = np.asarray(batch["weight"])
+def batch_padding(batch: Batch) -> dict[str, int]:
+    """Slot counts of one numpy prefjax.batch.Batch."""
+    segments = np.asarray(batch.segments)
+    example_id = np.asarray(batch.example_id)
+    weight = np.asarray(batch.weight)
     occupied = segments > 0
     filler_example = weight[np.clip(example_id, 0, None)] == 0
     filler = occupied & filler_example

@@ -1,16 +1,16 @@
-"""The grain input pipeline: canonical examples -> per-process Batch dicts -> global jax.Arrays.
+"""The grain input pipeline: canonical examples -> per-process Batches -> global jax.Arrays.
 
     pipe = Pipeline(source, tokenizer, DataConfig.from_mapping(config.data))
     it = iter(pipe)                              # a grain DatasetIterator
-    batch = next(it)                             # numpy Batch dict, this process's slice
-    arrays = pipe.to_global(batch, mesh)         # jax.Arrays, leading axis over "batch"
+    batch = next(it)                             # a numpy prefjax.batch.Batch, this process's slice
+    arrays = pipe.to_global(batch, mesh)         # a Batch of jax.Arrays, leading axis over "batch"
     state = it.get_state()                       # JSON-able; it.set_state(state) resumes exactly
 
 Stages (grain's Dataset API), in order:
 
 1. ``MapDataset.source(source)``: any random-access source (``__len__``/``__getitem__``).
 2. Label noise (optional): ``choose_flips(len(source), rate, seed)`` from
-   :mod:`prefjax.losses.label_noise` picks exactly round(rate * N) examples over the whole
+   :mod:`prefjax.data.label_noise` picks exactly round(rate * N) examples over the whole
    source (every process agrees); pairs swap chosen/rejected (and their scores), unpaired
    examples flip their label. The same examples are flipped in every epoch.
 3. Seeded global shuffle, reshuffled each epoch, then ``repeat(num_epochs)`` (None: forever).
@@ -54,7 +54,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from prefjax import sharding as sharding_lib
-from prefjax.data.batching import ROW_KEYS, build_batch, pad_batch_length, row_filler
+from prefjax.batch import Batch
+from prefjax.data.batching import build_batch, row_filler
+from prefjax.data.label_noise import choose_flips
 from prefjax.data.packing import LayoutConfig, PaddingStats, RowFiller
 from prefjax.data.tokenize import (
     PreprocessError,
@@ -65,7 +67,6 @@ from prefjax.data.tokenize import (
     tokenize_example,
 )
 from prefjax.data.truncation import TruncationConfig, TruncationCounter, truncate
-from prefjax.losses.label_noise import choose_flips
 from prefjax.models.tokenizer import Tokenizer
 
 ERROR_MODES = ("error", "drop")
@@ -233,7 +234,7 @@ class _Preprocess:
 
 
 class _MakeBatch:
-    """grain batch_fn: a list of TokenizedExamples -> a Batch dict (filler-completed)."""
+    """grain batch_fn: a list of TokenizedExamples -> a Batch (filler-completed)."""
 
     def __init__(self, config: DataConfig, kind: str, num_responses: int, pad_id: int, stats: PipelineStats):
         self.config, self.kind, self.num_responses, self.pad_id, self.stats = (
@@ -244,7 +245,7 @@ class _MakeBatch:
             stats,
         )
 
-    def __call__(self, examples: Sequence[TokenizedExample]) -> dict[str, np.ndarray]:
+    def __call__(self, examples: Sequence[TokenizedExample]) -> Batch:
         batch, left_out = build_batch(
             examples,
             self.config.pipeline.batch_size,
@@ -452,18 +453,9 @@ class Pipeline:
         """Counters so far (see the module docstring for what they count)."""
         return self.stats_counters.as_dict()
 
-    def to_global(
-        self, batch: Mapping[str, np.ndarray], mesh: Mesh, rules: Optional[sharding_lib.Rules] = None
-    ) -> dict[str, jax.Array]:
-        """:func:`make_global_batch` with this pipeline's layout."""
-        return make_global_batch(
-            batch,
-            mesh,
-            num_responses=self.num_responses,
-            packed=self.config.layout.pack,
-            pad_id=self.pad_id,
-            rules=rules,
-        )
+    def to_global(self, batch: Batch, mesh: Mesh, rules: Optional[sharding_lib.Rules] = None) -> Batch:
+        """`Batch.to_global` with this pipeline's pad id."""
+        return batch.to_global(mesh, rules, self.pad_id)
 
 
 def _pad_id(tokenizer: Tokenizer) -> int:
@@ -473,118 +465,9 @@ def _pad_id(tokenizer: Tokenizer) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------
-# Global arrays
-# ---------------------------------------------------------------------------
-
-
-def processes_to_global_rows(rows: Any, process_count: int, num_responses: int) -> Any:
-    """Unpacked rows stacked process by process -> the global layout (row k * B + b = example b, response k).
-
-    ``rows`` [P * K * Bl, ...] holds process p's local rows ``k * Bl + bl`` at ``p * K * Bl``; the
-    global example index is b = p * Bl + bl. Works on numpy and jax arrays (in jit it is one
-    all-to-all). Identity for one process.
-    """
-    if process_count == 1:
-        return rows
-    local_batch = rows.shape[0] // (process_count * num_responses)
-    rest = rows.shape[1:]
-    grouped = rows.reshape((process_count, num_responses, local_batch) + rest)
-    order = (1, 0, 2) + tuple(range(3, grouped.ndim))
-    return grouped.transpose(order).reshape((process_count * num_responses * local_batch,) + rest)
-
-
-def _agree_row_length(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
-    """Pad rows to the longest T of all processes (bucketing may pick different T per process)."""
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-
-    lengths = multihost_utils.process_allgather(np.asarray(batch["tokens"].shape[1], np.int32))
-    return pad_batch_length(batch, int(np.max(lengths)), pad_id)
-
-
-def _addressed_rows(named: jax.sharding.NamedSharding, global_shape: tuple[int, ...]) -> list[int]:
-    """Leading-axis indices that this process's devices hold."""
-    rows: set[int] = set()
-    for index in named.addressable_devices_indices_map(global_shape).values():
-        rows.update(range(*index[0].indices(global_shape[0])))
-    return sorted(rows)
-
-
-def make_global_batch(
-    batch: Mapping[str, np.ndarray],
-    mesh: Mesh,
-    *,
-    num_responses: int,
-    packed: bool,
-    pad_id: int = 0,
-    rules: Optional[sharding_lib.Rules] = None,
-) -> dict[str, jax.Array]:
-    """This process's numpy Batch -> global jax.Arrays with the leading axis over the "batch" logical axis.
-
-    Every process passes its own slice and holds block ``i`` of the global batch (on meshes
-    from ``sharding.make_mesh``, i = process_index): global example b = i * B_local + b_local,
-    and ``example_id`` is offset to match. Unpacked rows are then reordered so the global
-    layout keeps the guarantee row k * B + b = response k of example b
-    (:func:`processes_to_global_rows`). Multi-process runs first agree on the row length (a
-    small all-gather). An array too small to split over the batch devices (e.g. weight [B]
-    with B below the device count) is all-gathered and replicated instead.
-    """
-    process_count, process_index = jax.process_count(), jax.process_index()
-    local = {key: np.asarray(value) for key, value in batch.items()}
-
-    def sharding_for(value: np.ndarray) -> tuple[jax.sharding.NamedSharding, tuple[int, ...]]:
-        global_shape = (value.shape[0] * process_count,) + value.shape[1:]
-        logical = ("batch",) + (None,) * (value.ndim - 1)
-        return sharding_lib.named_sharding(mesh, logical, global_shape, rules), global_shape
-
-    if process_count == 1:
-        out = {}
-        for key, value in local.items():
-            named, global_shape = sharding_for(value)
-            out[key] = jax.make_array_from_process_local_data(named, value, global_shape)
-        return out
-
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-
-    local = _agree_row_length(local, pad_id)
-    local_batch = local["weight"].shape[0]
-    block = process_index
-    token_rows = _addressed_rows(*sharding_for(local["tokens"]))
-    if len(token_rows) == local["tokens"].shape[0]:
-        block = token_rows[0] // len(token_rows)
-    ids = local["example_id"]
-    local["example_id"] = np.where(ids >= 0, ids + block * local_batch, ids).astype(np.int32)
-    out = {}
-    for key, value in local.items():
-        named, global_shape = sharding_for(value)
-        rows = _addressed_rows(named, global_shape)
-        mine = list(range(block * value.shape[0], (block + 1) * value.shape[0]))
-        if rows == mine:
-            out[key] = jax.make_array_from_process_local_data(named, value, global_shape)
-        elif len(rows) == global_shape[0] and block == process_index:
-            # Not split across processes: every process needs the whole array (gathered in process order).
-            full = np.asarray(multihost_utils.process_allgather(value, tiled=True))
-            out[key] = jax.make_array_from_process_local_data(named, full, global_shape)
-        else:
-            raise ValueError(
-                f"make_global_batch: '{key}' of global shape {global_shape} on sharding {named.spec}: "
-                f"process {process_index} addresses rows {rows[:4]}..., not one contiguous block of "
-                f"{value.shape[0]}; build the mesh with prefjax.sharding.make_mesh (process-ordered "
-                f"devices)"
-            )
-    if not packed:
-        reorder = jax.jit(
-            lambda x: processes_to_global_rows(x, process_count, num_responses),
-            out_shardings=out["tokens"].sharding,
-        )
-        for key in ROW_KEYS:
-            out[key] = reorder(out[key])
-    return out
-
-
 def iterate_global(
     pipeline: Pipeline, mesh: Mesh, iterator: Optional[grain.DatasetIterator] = None
-) -> Iterator[dict[str, jax.Array]]:
+) -> Iterator[Batch]:
     """Global batches from ``iterator`` (default: a fresh one); keep the iterator to checkpoint it."""
     iterator = iter(pipeline) if iterator is None else iterator
     for batch in iterator:

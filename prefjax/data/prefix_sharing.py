@@ -10,9 +10,9 @@ with `branches` 0 on the prefix and k + 1 on response k. The model's attention
 mask (prefjax.models.attention) lets a response token see the prefix and its
 own response only, and the positions of a response continue from the prefix
 as in its own row, so every response token gets exactly the hidden state it
-had in the unpacked layout. The step reads each response token's prediction
+had in the unpacked layout. Scoring reads each response token's prediction
 from the token before it on its own branch (the last prefix token for a
-branch's first token; prefjax.response_logps.shared_prefix_targets).
+branch's first token; prefjax.scoring.shared_prefix_targets).
 
 The shared prefix of an example is the longest common prefix of its K rows,
 cut before the first scored token of any of them (a scored token is never
@@ -32,10 +32,8 @@ from typing import Optional
 
 import numpy as np
 
-from prefjax.data.batching import ROW_KEYS
+from prefjax.batch import Batch, empty_rows
 from prefjax.data.packing import PackingOverflow, place_example
-
-BRANCH_KEY = "branches"
 
 
 def _live_length(segments_row: np.ndarray) -> int:
@@ -57,13 +55,12 @@ def _shared_length(rows: list[np.ndarray], masks: list[np.ndarray], lengths: lis
     return limit if differ.size == 0 else int(differ[0])
 
 
-def share_prefixes(batch: dict[str, np.ndarray], num_responses: int, multiple: int = 64,
-                   pad_id: int = 0, pack_rows: Optional[int] = None,
-                   row_length: Optional[int] = None, overflow: str = "error") -> dict[str, np.ndarray]:
+def share_prefixes(batch: Batch, multiple: int = 64, pad_id: int = 0, pack_rows: Optional[int] = None,
+                   row_length: Optional[int] = None, overflow: str = "error") -> Batch:
     """Unpacked rows [K * B, T] (row k * B + b = response k of example b) -> prefix-shared rows [B, L].
 
     L is the longest shared row rounded up to `multiple`. Per-example arrays
-    (weight, scores, ...) are kept; rows get `branches` besides the usual row keys
+    (weight, scores, ...) are kept; rows get `branches` besides the usual row fields
     (example_id = b on live tokens, response_id = k on response k, -1 on the prefix).
     With `pack_rows` (and `row_length`), the rows are [pack_rows, row_length] instead,
     each holding as many examples' blocks as fit; a block that finds no room raises
@@ -71,24 +68,26 @@ def share_prefixes(batch: dict[str, np.ndarray], num_responses: int, multiple: i
     """
     if multiple < 1:
         raise ValueError(f"share_prefixes: multiple must be >= 1, got {multiple}")
-    tokens = np.asarray(batch["tokens"])
-    b = np.asarray(batch["weight"]).shape[0]
-    if tokens.shape[0] != num_responses * b:
+    num_responses = batch.num_responses
+    rows = {key: np.asarray(value) for key, value in batch.rows().items()}
+    tokens = rows["tokens"]
+    b = batch.num_examples
+    if batch.layout != "unpacked" or tokens.shape[0] != num_responses * b:
         raise ValueError(f"share_prefixes: expected {num_responses} x {b} unpacked rows, got {tokens.shape[0]} "
-                         "(packed batches cannot be prefix-shared)")
+                         f"in a {batch.layout!r} batch (packed batches cannot be prefix-shared)")
     pieces = []
     for example in range(b):
         row_ids = [k * b + example for k in range(num_responses)]
-        lengths = [_live_length(batch["segments"][r]) for r in row_ids]
-        shared = _shared_length([tokens[r] for r in row_ids], [batch["loss_mask"][r] for r in row_ids], lengths)
-        parts = {key: [batch[key][row_ids[0], :shared]] for key in ("tokens", "positions", "loss_mask")}
-        parts[BRANCH_KEY] = [np.zeros(shared, np.int32)]
+        lengths = [_live_length(rows["segments"][r]) for r in row_ids]
+        shared = _shared_length([tokens[r] for r in row_ids], [rows["loss_mask"][r] for r in row_ids], lengths)
+        parts = {key: [rows[key][row_ids[0], :shared]] for key in ("tokens", "positions", "loss_mask")}
+        parts["branches"] = [np.zeros(shared, np.int32)]
         parts["response_id"] = [np.full(shared, -1, np.int32)]
         for k, r in enumerate(row_ids):
             span = slice(shared, lengths[k])
             for key in ("tokens", "positions", "loss_mask"):
-                parts[key].append(batch[key][r, span])
-            parts[BRANCH_KEY].append(np.full(lengths[k] - shared, k + 1, np.int32))
+                parts[key].append(rows[key][r, span])
+            parts["branches"].append(np.full(lengths[k] - shared, k + 1, np.int32))
             parts["response_id"].append(np.full(lengths[k] - shared, k, np.int32))
         pieces.append({key: np.concatenate(value) for key, value in parts.items()})
     if pack_rows is None:
@@ -100,27 +99,20 @@ def share_prefixes(batch: dict[str, np.ndarray], num_responses: int, multiple: i
             raise ValueError("share_prefixes: pack_rows needs row_length")
         num_rows, length = pack_rows, row_length
         places = _pack_blocks([len(p["tokens"]) for p in pieces], pack_rows, row_length, overflow)
-    out = {key: value for key, value in batch.items() if key not in ROW_KEYS}
+    weight = np.array(batch.weight, copy=True)
     dropped = [example for example, place in enumerate(places) if place is None]
-    if dropped:  # in no row, so they must not count
-        out["weight"] = np.array(out["weight"], copy=True)
-        out["weight"][dropped] = 0.0
-    out.update(
-        tokens=np.full((num_rows, length), pad_id, np.int32), positions=np.zeros((num_rows, length), np.int32),
-        segments=np.zeros((num_rows, length), np.int32), loss_mask=np.zeros((num_rows, length), np.float32),
-        example_id=np.full((num_rows, length), -1, np.int32), response_id=np.full((num_rows, length), -1, np.int32),
-    )
-    out[BRANCH_KEY] = np.zeros((num_rows, length), np.int32)
+    weight[dropped] = 0.0  # in no row, so they must not count
+    out = empty_rows(num_rows, length, pad_id, branches=True)
     for example, (piece, place) in enumerate(zip(pieces, places)):
         if place is None:
             continue
         row, start, segment = place
         span = slice(start, start + len(piece["tokens"]))
-        for key in ("tokens", "positions", "loss_mask", "response_id", BRANCH_KEY):
+        for key in ("tokens", "positions", "loss_mask", "response_id", "branches"):
             out[key][row, span] = piece[key]
         out["segments"][row, span] = segment
         out["example_id"][row, span] = example
-    return out
+    return batch.replace(**out, weight=weight, layout="shared_prefix")
 
 
 def _pack_blocks(lengths: list[int], num_rows: int, row_length: int,

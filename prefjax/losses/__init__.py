@@ -9,17 +9,6 @@
 Importing this package registers every loss (each submodule registers its own).
 """
 
-from prefjax.losses.registry import LossInputError, LossSpec, get, names, register
-from prefjax.losses.types import (
-    ListLogps,
-    LossOutput,
-    PairLogps,
-    RatedResponses,
-    RewardPair,
-    UnpairedLogps,
-)
-from prefjax.losses.reduction import weighted_sum_and_count
-
 # Submodules register their losses on import.
 from prefjax.losses import (  # noqa: F401  (imported for registration)
     beta_dpo,
@@ -29,8 +18,19 @@ from prefjax.losses import (  # noqa: F401  (imported for registration)
     pairwise,
     reference_free,
     reward_model,
+    sft,
     token_level,
     unpaired,
+)
+from prefjax.losses.reduction import weighted_sum_and_count
+from prefjax.losses.registry import LossInputError, LossSpec, get, names, register
+from prefjax.losses.types import (
+    ListLogps,
+    LossOutput,
+    PairLogps,
+    RatedResponses,
+    RewardPair,
+    UnpairedLogps,
 )
 
 __all__ = [

@@ -13,31 +13,23 @@ cache also never lets a query see a key later in its row (true of every row
 layout the data pipeline makes: positions count up within each segment), which
 is what lets the blocked path skip work.
 
-Implementations (`ModelConfig.attention_impl`):
-- "fused" (the CPU default for float32 whenever the kernel builds): a C++
-  flash-attention kernel called through the XLA FFI
-  (prefjax.models.cpu_attention): score tiles stay in cache from logits to
-  output, only the output and a log-sum-exp per query are kept for the
-  backward pass, and XLA's intra-op thread pool shares the work. It beats torch's
-  fused CPU kernel (TRL's path) at every measured length.
-- "blocked" (the CPU default up to 512 tokens without the kernel): prefjax's einsum attention,
-  cut into query blocks that each attend only to the keys up to their own end,
-  so the masked upper triangle is mostly never computed. Profiling the train
-  step on a 2-core CPU showed attention taking 60-70 % of a small model's step
-  through `jax.nn.dot_product_attention`; query blocks run its forward and
-  backward 2.5-3x faster (see benchmarks/RESULTS.md).
-- "flash" (the CPU default from 1024 tokens without the kernel): tiles with an online softmax and
-  a recomputing backward (prefjax.models.flash_attention), which keeps no
-  [T, T] probabilities for the backward pass.
-- "xla" / "cudnn" / None elsewhere: `jax.nn.dot_product_attention`.
-- "splash": the TPU Pallas kernel (prefjax.models.splash) for forwards
-  without a KV cache.
-Soft-capped logits (Gemma 2), which the fused kernels lack, always take the
-einsum path (blocked without a cache).
+Implementations (`ModelConfig.attention_impl`; None takes $PREFJAX_ATTENTION when set,
+else the backend's default):
+- "xla" / "cudnn" (and None off CPU): `jax.nn.dot_product_attention`, the GPU and TPU path.
+- "splash": the TPU Pallas kernel (prefjax.models.splash) for forwards without a KV cache.
+- CPU paths (prefjax.models.cpu; None on CPU picks one, prefjax.models.cpu.defaults):
+  "fused", a C++ flash-attention kernel called through the XLA FFI, the default for
+  float32 whenever it builds (it beats torch's fused CPU kernel, TRL's path, at every
+  measured length); "blocked", einsum attention over causal query blocks (the default
+  up to 512 tokens without the kernel); "flash", tiles with an online softmax and a
+  recomputing backward in JAX (from 1024 tokens).
+Soft-capped logits (Gemma 2), which the fused kernels lack, always take the einsum
+path (prefjax.models.einsum_attention; blocked without a cache).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Optional
 
 import jax
@@ -45,9 +37,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from prefjax import sharding
-from prefjax.models import cpu_attention, flash_attention, splash
+from prefjax.models import splash
 from prefjax.models.config import ModelConfig
-from prefjax.models.layers import MASKED_LOGIT, RMSNorm, apply_rope, dtype_of, param, softcap
+from prefjax.models.cpu import blocked_attention, flash_attention, fused_attention
+from prefjax.models.cpu import defaults as cpu_defaults
+from prefjax.models.dtypes import dtype_of
+from prefjax.models.einsum_attention import einsum_attention
+from prefjax.models.layers import RMSNorm, apply_rope, param
 
 Array = jax.Array
 
@@ -78,66 +74,16 @@ def index_causal(mask_BxTxS: Array) -> Array:
     return mask_BxTxS & (jnp.arange(s)[None, :] <= jnp.arange(t)[:, None])[None]
 
 
-def einsum_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_BxTxS: Array, *,
-                     scale: float, logit_softcap: Optional[float]) -> Array:
-    """Softmax attention with GQA (N query heads share K key/value heads) from plain einsums.
-
-    The softmax is normalised after the value product (one [B, T, N] division
-    instead of one over [B, N, T, S]); logits and their exponentials stay float32.
-    """
-    b, t, n, h = q_BxTxNxH.shape
-    kv = k_BxSxKxH.shape[2]
-    q = q_BxTxNxH.reshape(b, t, kv, n // kv, h)
-    logits = jnp.einsum("btkgh,bskh->bkgts", q, k_BxSxKxH, preferred_element_type=jnp.float32) * scale
-    if logit_softcap is not None:
-        logits = softcap(logits, logit_softcap)
-    logits = jnp.where(mask_BxTxS[:, None, None, :, :], logits, MASKED_LOGIT)
-    # Any per-row constant works for stability; no gradient needs to flow through it.
-    weights = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
-    out = jnp.einsum("bkgts,bskh->btkgh", weights.astype(v_BxSxKxH.dtype), v_BxSxKxH,
-                     preferred_element_type=jnp.float32)
-    total = jnp.einsum("bkgts->btkg", weights)[..., None]
-    return (out / total).astype(v_BxSxKxH.dtype).reshape(b, t, n, h)
-
-
-def blocked_attention(q_BxTxNxH: Array, k_BxTxKxH: Array, v_BxTxKxH: Array, mask_BxTxT: Array, *,
-                      scale: float, logit_softcap: Optional[float], block_size: int) -> Array:
-    """Einsum attention over query blocks, each against the keys up to the block's end.
-
-    Exact when no query sees a later key in its row (`index_causal`), since
-    the keys left out are exactly those. Cuts the logits computed from T*T to
-    about T*(T + block)/2; the blocks are static slices, so each is one
-    ordinary XLA fusion.
-    """
-    t = q_BxTxNxH.shape[1]
-    if t <= block_size:
-        return einsum_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask_BxTxT, scale=scale,
-                                logit_softcap=logit_softcap)
-    outs = []
-    for start in range(0, t, block_size):
-        end = min(start + block_size, t)
-        outs.append(einsum_attention(q_BxTxNxH[:, start:end], k_BxTxKxH[:, :end], v_BxTxKxH[:, :end],
-                                     mask_BxTxT[:, start:end, :end], scale=scale, logit_softcap=logit_softcap))
-    return jnp.concatenate(outs, axis=1)
-
-
-# Measured on a 2-core CPU (benchmarks/RESULTS.md): blocked attention with 64-query blocks is
-# fastest up to T = 512; beyond that the tiled flash path is as fast or faster and, above all,
-# keeps no [B, heads, T, T] probabilities for the backward pass (1 GiB per layer at B = 16,
-# 8 heads, T = 2048).
-_CPU_FLASH_FROM = 1024
-_DEFAULT_BLOCK = {"blocked": 64, "flash": 128}
-
-
 def resolve_implementation(requested: Optional[str], length: Optional[int] = None,
                            fused_supported: Callable[[], bool] = lambda: False) -> Optional[str]:
-    """None means, on CPU, "fused" where the C++ kernel supports the call, else "blocked" for rows
-    up to 512 tokens and "flash" beyond; elsewhere jax's choice. `fused_supported` is asked only
-    on that CPU default path, so other backends never build the kernel."""
+    """The implementation a call uses: `requested`, else $PREFJAX_ATTENTION when set, else on CPU
+    the measured default (prefjax.models.cpu.defaults: "fused", "blocked" or "flash"), elsewhere
+    None (jax's choice). `fused_supported` is asked only on that CPU default path, so other
+    backends never build the kernel."""
+    if requested is None:
+        requested = os.environ.get("PREFJAX_ATTENTION") or None
     if requested is None and jax.default_backend() == "cpu":
-        if fused_supported():
-            return "fused"
-        return "flash" if length is not None and length >= _CPU_FLASH_FROM else "blocked"
+        return cpu_defaults.default_attention(length, fused_supported)
     return requested
 
 
@@ -145,7 +91,7 @@ def dot_product_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, 
                           scale: float, logit_softcap: Optional[float],
                           implementation: Optional[str] = None, block_size: Optional[int] = None,
                           causal_rows: bool = False,
-                          layout: Optional[cpu_attention.TokenLayout] = None) -> Array:
+                          layout: Optional[fused_attention.TokenLayout] = None) -> Array:
     """Softmax attention with GQA through the configured implementation.
 
     `causal_rows` says the mask already excludes keys later in the row (a
@@ -156,19 +102,19 @@ def dot_product_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, 
     """
     self_attention = causal_rows and q_BxTxNxH.shape[1] == k_BxSxKxH.shape[1]
     def fused_supported() -> bool:
-        return self_attention and cpu_attention.supports(q_BxTxNxH, logit_softcap)
+        return self_attention and fused_attention.supports(q_BxTxNxH, logit_softcap)
 
     implementation = resolve_implementation(implementation, q_BxTxNxH.shape[1], fused_supported)
     if implementation == "fused":
         if not fused_supported():
             raise ValueError(
                 "attention_impl='fused' needs a float32 forward without a KV cache, head_dim in "
-                f"{cpu_attention.SUPPORTED_HEAD_DIMS}, no logit soft-cap and a C++ compiler "
+                f"{fused_attention.SUPPORTED_HEAD_DIMS}, no logit soft-cap and a C++ compiler "
                 f"(got dtype {q_BxTxNxH.dtype}, head_dim {q_BxTxNxH.shape[-1]}, softcap {logit_softcap}, "
-                f"KV cache {not self_attention}; kernel: {cpu_attention.unavailable_reason() or 'built'})")
+                f"KV cache {not self_attention}; kernel: {fused_attention.unavailable_reason() or 'built'})")
         # With the layout the mask is made of, the kernel builds the tiles it reads and the
         # [B, T, S] mask is never materialised (XLA drops it when nothing else reads it).
-        return cpu_attention.fused_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH,
+        return fused_attention.fused_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH,
                                              mask_BxTxS if layout is None else layout, scale=scale)
     if implementation in ("blocked", "flash") or logit_softcap is not None:
         if not self_attention:
@@ -177,9 +123,10 @@ def dot_product_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, 
         if implementation == "flash":
             return flash_attention.flash_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, scale=scale,
                                                    logit_softcap=logit_softcap,
-                                                   block_size=block_size or _DEFAULT_BLOCK["flash"])
-        return blocked_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, scale=scale,
-                                 logit_softcap=logit_softcap, block_size=block_size or _DEFAULT_BLOCK["blocked"])
+                                                   block_size=block_size or cpu_defaults.DEFAULT_BLOCK["flash"])
+        return blocked_attention.blocked_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, scale=scale,
+                                                   logit_softcap=logit_softcap,
+                                                   block_size=block_size or cpu_defaults.DEFAULT_BLOCK["blocked"])
     return jax.nn.dot_product_attention(
         q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_BxTxS[:, None, :, :], scale=scale,
         implementation=implementation,
@@ -261,7 +208,7 @@ class Attention(nnx.Module):
             layout = None
             if cache is None:
                 branches = jnp.zeros_like(segments_BxT) if branches_BxT is None else branches_BxT
-                layout = cpu_attention.TokenLayout(positions_BxT, segments_BxT, branches, self.window)
+                layout = fused_attention.TokenLayout(positions_BxT, segments_BxT, branches, self.window)
             out = dot_product_attention(q, k, v, mask, scale=self.scale, logit_softcap=self.logit_softcap,
                                         implementation=implementation, block_size=self.block_size,
                                         causal_rows=cache is None, layout=layout)

@@ -51,7 +51,7 @@ class ModelConfig:
       attention_impl: None (on CPU "fused" for float32 when the C++ kernel
         builds, else "blocked" up to 512 tokens and "flash" beyond; jax's
         choice elsewhere), "fused" (prefjax's C++ flash-attention kernel for
-        XLA:CPU, prefjax.models.cpu_attention), "blocked" (prefjax's einsum attention
+        XLA:CPU, prefjax.models.cpu.fused_attention), "blocked" (prefjax's einsum attention
         in causal query blocks that skip the masked upper triangle), "flash"
         (tiled online-softmax attention with a recomputing backward), "xla" or "cudnn" (passed to
         jax.nn.dot_product_attention; soft-capped attention uses prefjax's own

@@ -18,12 +18,10 @@ from flax import nnx
 
 from prefjax import sharding
 from prefjax.models.config import ModelConfig
+from prefjax.models.cpu import mlp_slices
+from prefjax.models.dtypes import dtype_of
 
 Array = jax.Array
-
-
-def dtype_of(name: str) -> Any:
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
 
 
 def param(rngs: nnx.Rngs, shape: Sequence[int], logical_axes: Sequence[Optional[str]], *,
@@ -107,53 +105,18 @@ class MLP(nnx.Module):
         self.down = param(rngs, (f, d), ("mlp", "embed"), dtype=pd)
         self.activation = cfg.activation
         self.dtype = dtype_of(cfg.dtype)
-        self.backward_weight = mlp_backward_weight(cfg)
+        self.backward_weight = mlp_slices.mlp_backward_weight(cfg)
 
     def __call__(self, x_BxTxD: Array) -> Array:
         rows, length = x_BxTxD.shape[0], x_BxTxD.shape[1]
         slices = 1
-        if sharding.shards_along("length", length) == 1:  # slicing a sharded axis would gather it
-            slices = mlp_backward_slices(self.backward_weight, rows // sharding.shards_along("batch", rows), length)
+        # Slicing was measured on CPU only (prefjax.models.cpu.mlp_slices); a sharded sequence axis
+        # is never sliced (that would gather it).
+        if jax.default_backend() == "cpu" and sharding.shards_along("length", length) == 1:
+            slices = mlp_slices.mlp_backward_slices(self.backward_weight,
+                                                    rows // sharding.shards_along("batch", rows), length)
         return gated_mlp(self.activation, x_BxTxD.astype(self.dtype), self.gate[...].astype(self.dtype),
                          self.up[...].astype(self.dtype), self.down[...].astype(self.dtype), slices)
-
-
-# The gated MLP's backward temporaries per token: the hidden cotangent, act(gate) recomputed,
-# act's derivative, d_gate, d_up, the hidden product and its transpose (the compiled CPU
-# program holds about this many [tokens, F] arrays at once).
-_MLP_BACKWARD_TEMPORARIES = 7
-# Most of a step's saved activations that one MLP backward may add on top of them.
-MLP_BACKWARD_SHARE = 0.2
-# Fewest tokens (on one device) per backward slice: smaller slices make small, slow matmuls.
-MIN_MLP_SLICE_TOKENS = 256
-
-
-def mlp_backward_weight(cfg: ModelConfig) -> float:
-    """One MLP backward's temporaries over the step's saved activations (per token, unsliced)."""
-    from prefjax import memory_budget  # here: memory_budget imports this module
-
-    return _MLP_BACKWARD_TEMPORARIES * cfg.intermediate_size / memory_budget.activation_floats_per_token(cfg)
-
-
-def mlp_backward_slices(weight: float, rows: int, length: int) -> int:
-    """Equal slices of the sequence axis for the MLP backward (see `gated_mlp`).
-
-    The fewest that bring `weight` (`mlp_backward_weight`) under MLP_BACKWARD_SHARE,
-    rounded up to a divisor of `length`, while a slice keeps at least
-    MIN_MLP_SLICE_TOKENS tokens of the `rows` on one device. A shallow model with a
-    wide MLP is sliced (2 layers, F = 2 D: 4 slices), a deep one is not (the MLP's
-    temporaries are small next to all layers' saved activations).
-    """
-    wanted = math.ceil(weight / MLP_BACKWARD_SHARE)
-    best = 1
-    for n in range(2, length + 1):
-        if rows * (length // n) < MIN_MLP_SLICE_TOKENS:
-            break
-        if length % n == 0:
-            best = n
-            if n >= wanted:
-                break
-    return best if wanted > 1 else 1
 
 
 _ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
@@ -174,7 +137,7 @@ def gated_mlp(activation: str, x_BxTxD: Array, w_gate_DxF: Array, w_up_DxF: Arra
     backward_slices > 1 (a divisor of T) runs the backward over that many slices of the
     sequence axis, one after another, so its temporaries (about 7 [tokens, F] arrays) are
     those of one slice; the weight gradients accumulate in float32. The MLP module picks
-    it (`mlp_backward_slices`).
+    it on CPU (prefjax.models.cpu.mlp_slices).
     """
     _check_slices(backward_slices, x_BxTxD.shape[1])
     return _gated_mlp_forward(activation, x_BxTxD, w_gate_DxF, w_up_DxF, w_down_FxD)[0]

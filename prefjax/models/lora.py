@@ -39,9 +39,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from prefjax import sharding
-from prefjax.models.config import ModelConfig
 from prefjax.models import safetensors_format, tree_paths
-from prefjax.models.layers import dtype_of
+from prefjax.models.config import ModelConfig
+from prefjax.models.dtypes import dtype_of
 
 Array = jax.Array
 Params = dict[Any, Any]

@@ -19,7 +19,8 @@ from flax import nnx
 from prefjax import sharding
 from prefjax.models.attention import Attention
 from prefjax.models.config import ModelConfig
-from prefjax.models.layers import MLP, RMSNorm, dtype_of, param, rope_inverse_frequencies, softcap
+from prefjax.models.dtypes import dtype_of
+from prefjax.models.layers import MLP, RMSNorm, param, rope_inverse_frequencies, softcap
 
 Array = jax.Array
 Cache = list[dict[str, Array]]

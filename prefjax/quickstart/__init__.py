@@ -4,7 +4,8 @@
 
 Stages (each a module): `tasks` (prompts, a noisy demonstrator, the ground-truth
 reward), `vocab` (a tokenizer for the task), `sft` (supervised fine-tuning of a tiny
-model), `rollouts` (sampling and scoring with prefjax.sampling / prefjax.logprobs),
+model through prefjax.train with the `sft` loss), `rollouts` (sampling and scoring with
+prefjax.sampling / prefjax.scoring),
 `west_of_n` (best-vs-worst preference pairs written as a JSONL dataset),
 preference tuning with prefjax.train, `evaluate` (reward, KL, win rate, reward
 accuracy), `plots`, and `pipeline` which runs them in order. `frontier` and

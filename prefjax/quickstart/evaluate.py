@@ -8,7 +8,7 @@ For a policy pi and the frozen reference pi_ref (the SFT model), on fixed held-o
 - reward: mean ground-truth reward of fresh samples y ~ pi(. | x) (`samples` per prompt),
   with its standard error over prompts (reward_se);
 - kl: KL(pi || pi_ref) per prompt, estimated from the same samples as the mean of
-  log pi(y | x) - log pi_ref(y | x), both scored with prefjax.logprobs on the full
+  log pi(y | x) - log pi_ref(y | x), both scored with prefjax.scoring on the full
   sequence (EOS included). Unbiased; an individual estimate can be negative;
 - win_rate: P(r(x, y) > r(x, y_ref)) + P(tie) / 2, with y ~ pi and y_ref ~ pi_ref drawn
   independently for the same prompt (the reference's samples are drawn once);

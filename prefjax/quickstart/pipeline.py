@@ -5,8 +5,9 @@
 `run(config, workdir)` runs the five stages and prints a summary table:
 
 1. task: the synthetic task (prefjax.quickstart.tasks) and its tokenizer (workdir/tokenizer/);
-2. SFT: a tiny Llama-family model imitates the task's noisy demonstrator (workdir/sft/model/,
-   a Hugging Face folder, and workdir/sft/metrics.jsonl);
+2. SFT: a tiny Llama-family model imitates the task's noisy demonstrator, trained by
+   prefjax.train with the `sft` loss (workdir/sft/: the trainer's metrics.jsonl and
+   checkpoints, and model/, a Hugging Face folder);
 3. West-of-N: N samples per prompt from the SFT policy, scored by the ground-truth reward,
    best vs worst -> workdir/pairs/train.jsonl (pairs), train_unpaired.jsonl (for KTO-style
    losses), train_ranked.jsonl (listwise losses), heldout.jsonl (evaluation), stats.json,
@@ -36,12 +37,12 @@ import ml_collections
 import numpy as np
 from absl import logging as absl_logging
 
-from prefjax import config_lib, train
+from prefjax import train
 from prefjax.losses import registry
-from prefjax.metrics import read_metrics
-from prefjax.models import hf_checkpoint
 from prefjax.models.tokenizer import Tokenizer, load_tokenizer
 from prefjax.quickstart import evaluate, plots, report, rollouts, sft, tasks, vocab, west_of_n
+from prefjax.train import config_lib
+from prefjax.train.metrics import read_metrics
 
 Echo = Callable[[str], None]
 PREPARE_FILE = "prepare.json"
@@ -127,16 +128,13 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | Path, echo: Echo =
 
 def _stage_sft(config: ml_collections.ConfigDict, task: tasks.Task, tokenizer: Tokenizer, folder: Path,
                echo: Echo) -> Path:
-    """Stage 2: SFT, saved as a Hugging Face folder (with the tokenizer) and a loss history."""
+    """Stage 2: SFT through prefjax.train (the `sft` loss): the model as a Hugging Face folder (with the
+    tokenizer) in sft/model/, the loss history in sft/metrics.jsonl."""
     cfg = sft.model_config(tokenizer, max_len=rollouts.row_length(task), **config.model.to_dict())
     echo(f"[2/5] supervised fine-tuning: {config.sft.steps} steps of {config.sft.batch_size} demonstrations "
-         f"on a {config.model.num_layers}-layer, {config.model.hidden_size}-wide decoder")
-    model, history = sft.train(task, tokenizer, cfg, sft.SftConfig(**config.sft.to_dict()), seed=config.seed,
-                               echo=echo)
-    sft_folder = folder / "sft" / "model"
-    hf_checkpoint.save(sft_folder, cfg, model.params, copy_from=folder / "tokenizer")
-    (folder / "sft" / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
-    return sft_folder
+         f"on a {config.model.num_layers}-layer, {config.model.hidden_size}-wide decoder (prefjax.train, loss sft)")
+    return sft.fine_tune(task, cfg, sft.SftConfig(**config.sft.to_dict()), seed=config.seed,
+                         folder=folder / "sft", tokenizer_folder=folder / "tokenizer")
 
 
 def _stage_pairs(config: ml_collections.ConfigDict, task: tasks.Task, tokenizer: Tokenizer,
@@ -196,7 +194,7 @@ def _load_prepared(config: ml_collections.ConfigDict, folder: Path) -> Prepared:
     return Prepared(
         folder=folder, task=make_task(config), tokenizer=load_tokenizer(folder / "tokenizer"),
         sft_folder=sft_folder, sft_model=rollouts.load(sft_folder),
-        sft_history=[json.loads(s) for s in (folder / "sft" / "metrics.jsonl").read_text().splitlines()],
+        sft_history=read_metrics(str(folder / "sft" / "metrics.jsonl")),
         heldout=west_of_n.read_pairs(folder / "pairs" / "heldout.jsonl"),
         best_of_n=json.loads((folder / "pairs" / "best_of_n.json").read_text()),
         stats=json.loads((folder / "pairs" / "stats.json").read_text()))
@@ -302,7 +300,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, echo: Echo = print, 
     workdir_path = Path(workdir)
     workdir_path.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    prepared = prepared or prepare(config, workdir_path, echo)
+    try:
+        prepared = prepared or prepare(config, workdir_path, echo)
+    except sft.Preempted as stopped:
+        (workdir_path / "summary.json").write_text(json.dumps({"stage": "sft", "preempted": True}, indent=2) + "\n")
+        echo(str(stopped))
+        return {"stage": "sft", "preempted": True}
     seconds = {"prepare": time.perf_counter() - start}
 
     start = time.perf_counter()

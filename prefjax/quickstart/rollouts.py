@@ -1,4 +1,4 @@
-"""Sampling responses and scoring sequences with prefjax's sampler and log-prob code.
+"""Sampling responses and scoring sequences with prefjax.sampling and prefjax.scoring.
 
     model = rollouts.Model(cfg, graphdef, params)                 # or rollouts.load(hf_folder)
     batch = rollouts.sample(model, tokenizer, task, prompts, seed=0)
@@ -26,7 +26,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from prefjax import logprobs, models, sampling
+from prefjax import sampling, scoring
+from prefjax.batch import Batch
 from prefjax.models import hf_checkpoint
 from prefjax.models.config import ModelConfig
 from prefjax.models.tokenizer import Tokenizer
@@ -44,6 +45,11 @@ class Model:
     graphdef: nnx.GraphDef
     params: dict
 
+    @property
+    def scorer(self) -> scoring.Model:
+        """What prefjax.scoring.score needs besides the params."""
+        return scoring.Model(self.cfg, self.graphdef)
+
 
 def load(folder: str | Path) -> Model:
     """The model of a Hugging Face folder (e.g. the SFT checkpoint or the trainer's hf_export)."""
@@ -56,41 +62,9 @@ def encode(tokenizer: Tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return tokenizer.encode_batch(list(texts), add_special_tokens=False)
 
 
-def build_rows(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], length: int,
-               pad_id: int) -> dict[str, np.ndarray]:
-    """Rows prompt + response (the response already ends with EOS where it has one), right-padded.
-
-    Returns tokens int32 [B, length], loss_mask float32 (1 on response tokens), segments int32
-    (1 on real tokens, 0 on padding). A row longer than `length` is an error naming it.
-    """
-    b = len(prompts)
-    tokens = np.full((b, length), pad_id, np.int32)
-    loss_mask = np.zeros((b, length), np.float32)
-    segments = np.zeros((b, length), np.int32)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        n = len(p) + len(r)
-        if n > length:
-            raise ValueError(f"row {i}: prompt ({len(p)}) + response ({len(r)}) tokens exceed the row "
-                             f"length {length}")
-        tokens[i, :n] = list(p) + list(r)
-        loss_mask[i, len(p):n] = 1.0
-        segments[i, :n] = 1
-    return {"tokens": tokens, "loss_mask": loss_mask, "segments": segments}
-
-
-def token_logps(graphdef: nnx.GraphDef, params: dict, rows: dict[str, jax.Array],
-                ) -> tuple[jax.Array, jax.Array]:
-    """Per-position log-probs of the scored tokens and the aligned mask, each [B, T] (traceable)."""
-    hidden, _ = models.apply(graphdef, params, rows["tokens"], segments_BxT=rows["segments"])
-    labels, mask = logprobs.shift_labels(rows["tokens"], rows["loss_mask"])
-    logps = logprobs.token_logps(hidden, models.unembedding(graphdef, params), labels, mask_BxT=mask)
-    return logps, mask
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _sequence_logps(params: dict, rows: dict[str, jax.Array], *, graphdef: nnx.GraphDef) -> jax.Array:
-    logps, mask = token_logps(graphdef, params, rows)
-    return logprobs.sequence_logps(logps, mask)[0]
+@functools.partial(jax.jit, static_argnames=("model",))
+def _sequence_logps(params: dict, batch: Batch, *, model: scoring.Model) -> jax.Array:
+    return scoring.score(model, params, batch).logps[:, 0]
 
 
 @dataclasses.dataclass
@@ -175,8 +149,7 @@ def sequence_logps(model: Model, responses: Responses, *, pad_id: int, length: O
         r = responses.response_ids[start:start + batch_size]
         count = len(p)
         p, r = p + [p[-1]] * (batch_size - count), r + [r[-1]] * (batch_size - count)
-        rows = build_rows(p, r, length, pad_id)
-        values = _sequence_logps(model.params, rows, graphdef=model.graphdef)
+        values = _sequence_logps(model.params, Batch.from_sequences(p, r, length, pad_id), model=model.scorer)
         out.append(np.asarray(jax.device_get(values))[:count])
     return np.concatenate(out).astype(np.float32)
 

@@ -1,37 +1,50 @@
 """Supervised fine-tuning: a tiny decoder learns to imitate the task's noisy demonstrator.
 
-    model, history = sft.train(task, tokenizer, model_cfg, SftConfig(steps=1500), seed=0)
+    model_folder = sft.fine_tune(task, model_cfg, SftConfig(steps=1500), seed=0, folder=workdir / "sft",
+                                 tokenizer_folder=workdir / "tokenizer")
 
-The loss is the mean negative log-likelihood of the response tokens and the EOS
-(prompt tokens are context only), computed with prefjax.logprobs on the model's
-hidden states; the optimizer is prefjax.optim's chain (AdamW, warmup, cosine
-decay, clipping). The step is one jitted function; the data are `examples`
-fixed demonstrations, reshuffled every epoch, so the run is a pure function of
-the seed.
+SFT runs through the preference trainer (prefjax.train) with the registry's `sft` loss
+(the per-token negative log-likelihood of each response; prompt tokens are context
+only), like every other stage that trains. This module only prepares its inputs:
 
-The demonstrator is deliberately imperfect (see prefjax.quickstart.tasks), so
-the resulting policy is right only some of the time: the starting point that
-preference tuning is meant to improve.
+- `demonstrations.jsonl`: `examples` fixed demonstrations from the task's demonstrator,
+  as unpaired rows (prompt, completion, label true) that prefjax.data reads; the
+  trainer's pipeline reshuffles them every epoch;
+- `init/`: the randomly initialised model (seeded) as a Hugging Face folder with the
+  task's tokenizer, which the trainer starts from.
+
+The trainer writes `metrics.jsonl` and its checkpoints into the SFT folder and exports
+the fine-tuned model to `model/`; rerunning a killed stage resumes from its last
+checkpoint. The optimizer is prefjax.train.optim's chain (AdamW, warmup, cosine decay to
+a tenth, clipping), and the run is a pure function of the seed.
+
+The demonstrator is deliberately imperfect (see prefjax.quickstart.tasks), so the
+resulting policy is right only some of the time: the starting point that preference
+tuning is meant to improve.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import time
-from typing import Any, Callable, Optional
+import json
+from pathlib import Path
+from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import nnx
 
-from prefjax import models, optim
+from prefjax import models, train
+from prefjax.models import hf_checkpoint
 from prefjax.models.config import ModelConfig
 from prefjax.models.tokenizer import Tokenizer
 from prefjax.quickstart import rollouts
 from prefjax.quickstart.tasks import Task
+from prefjax.train import config_lib
+
+DEMONSTRATIONS = "demonstrations.jsonl"
+
+
+class Preempted(RuntimeError):
+    """The SFT run was preempted; rerunning the command resumes it from its checkpoint."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,59 +77,53 @@ def model_config(tokenizer: Tokenizer, *, hidden_size: int, num_layers: int, num
                        max_position_embeddings=max(max_len, 64))
 
 
-def demonstrations(task: Task, tokenizer: Tokenizer, count: int, seed: int) -> dict[str, np.ndarray]:
-    """`count` demonstrations as rows (prompt, response, EOS), from the task's demonstrator."""
+def write_demonstrations(task: Task, count: int, seed: int, path: Path) -> Path:
+    """`count` demonstrations as unpaired JSONL rows (prompt, completion, label true)."""
     rng = np.random.default_rng([seed, 1])
     prompts = task.prompts(rng, count)
-    responses = [task.demonstration(p, rng) for p in prompts]
-    eos = tokenizer.eos_token_id
-    response_ids = [ids + [eos] for ids in rollouts.encode(tokenizer, responses)]
-    return rollouts.build_rows(rollouts.encode(tokenizer, prompts), response_ids, rollouts.row_length(task),
-                               tokenizer.pad_token_id)
+    rows = [{"prompt": p, "completion": task.demonstration(p, rng), "label": True} for p in prompts]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
 
 
-def nll(params: Any, graphdef: nnx.GraphDef, rows: dict[str, jax.Array]) -> jax.Array:
-    """Mean negative log-likelihood per scored token."""
-    logps, mask = rollouts.token_logps(graphdef, params, rows)
-    return -jnp.sum(logps) / jnp.maximum(jnp.sum(mask), 1.0)
+def trainer_config(config: SftConfig, *, init_folder: Path, data: Path, export_to: Path, max_len: int,
+                   seed: int) -> Any:
+    """The trainer's config for the SFT stage: the `sft` loss, no reference, one final checkpoint."""
+    c = config_lib.trainer_config()
+    c.seed = seed
+    c.model.hf_folder = str(init_folder)
+    c.loss_name = "sft"
+    c.data.source = str(data)
+    c.data.batch_size = config.batch_size
+    c.data.max_len = max_len
+    c.total_steps = config.steps
+    c.optimizer.update(name="adamw", learning_rate=config.learning_rate, warmup_steps=config.warmup_steps,
+                       schedule="cosine", min_learning_rate_ratio=0.1, weight_decay=config.weight_decay,
+                       grad_clip_norm=1.0)
+    c.log_every = config.log_every
+    c.checkpoint.every = config.steps  # one checkpoint at the end: the run is short
+    c.checkpoint.keep = 1
+    c.checkpoint.export_dir = str(export_to)
+    return c
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "tx"), donate_argnums=(0, 1))
-def train_step(params: Any, opt_state: Any, rows: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
-               tx: optax.GradientTransformation) -> tuple[Any, Any, jax.Array]:
-    loss, grads = jax.value_and_grad(nll)(params, graphdef, rows)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-
-def train(task: Task, tokenizer: Tokenizer, cfg: ModelConfig, config: SftConfig, *, seed: int,
-          echo: Optional[Callable[[str], None]] = print) -> tuple[rollouts.Model, list[dict[str, float]]]:
-    """(the fine-tuned model, loss history [{"step", "loss", "seconds"}]) after config.steps steps."""
-    graphdef, params = models.init_params(cfg, seed=seed)
-    tx, _ = optim.make_optimizer(dict(name="adamw", learning_rate=config.learning_rate,
-                                      warmup_steps=config.warmup_steps, schedule="cosine",
-                                      min_learning_rate_ratio=0.1, weight_decay=config.weight_decay,
-                                      grad_clip_norm=1.0), config.steps)
-    opt_state = jax.jit(tx.init)(params)
-    data = demonstrations(task, tokenizer, config.examples, seed)
-    order = np.random.default_rng([seed, 2])
-    perm, cursor = order.permutation(config.examples), 0
-    history: list[dict[str, float]] = []
-    pending, start = [], time.perf_counter()  # losses stay on device until logged (no per-step sync)
-    for step in range(1, config.steps + 1):
-        if cursor + config.batch_size > config.examples:
-            perm, cursor = order.permutation(config.examples), 0
-        index = perm[cursor:cursor + config.batch_size]
-        cursor += config.batch_size
-        params, opt_state, loss = train_step(params, opt_state, {k: v[index] for k, v in data.items()},
-                                             graphdef=graphdef, tx=tx)
-        pending.append(loss)
-        if step % config.log_every == 0 or step == config.steps:
-            mean = float(np.mean(jax.device_get(pending)))
-            record = {"step": step, "loss": mean, "seconds": time.perf_counter() - start}
-            history.append(record)
-            pending = []
-            if echo is not None:
-                echo(f"  sft step {step:5d}/{config.steps}  loss {record['loss']:.4f}  "
-                     f"({record['seconds']:.0f} s)")
-    return rollouts.Model(cfg, graphdef, params), history
+def fine_tune(task: Task, cfg: ModelConfig, config: SftConfig, *, seed: int, folder: Path,
+              tokenizer_folder: Path) -> Path:
+    """Fine-tunes a fresh `cfg` model on the demonstrator under `folder`; returns the exported model's
+    folder (`folder/model`). Raises Preempted when the run was stopped by SIGTERM."""
+    folder = Path(folder)
+    data = folder / DEMONSTRATIONS
+    if not data.is_file():
+        write_demonstrations(task, config.examples, seed, data)
+    init = folder / "init"
+    if not (init / "config.json").is_file():
+        _, params = models.init_params(cfg, seed=seed)
+        hf_checkpoint.save(init, cfg, params, copy_from=tokenizer_folder)
+    c = trainer_config(config, init_folder=init, data=data, export_to=folder / "model",
+                       max_len=rollouts.row_length(task), seed=seed)
+    summary = train.run(c, str(folder))
+    if summary.get("preempted"):
+        raise Preempted(f"supervised fine-tuning stopped at step {summary['step']}; rerun the same command to "
+                        "resume it")
+    return Path(summary["exported"])

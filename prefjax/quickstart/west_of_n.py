@@ -27,7 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
-from prefjax.losses.label_noise import choose_flips
+from prefjax.data.label_noise import choose_flips
 from prefjax.quickstart.rollouts import Responses
 
 
@@ -140,7 +140,7 @@ def read_pairs(path: str | Path) -> PairSet:
 def write_flipped(source: str | Path, path: str | Path, rate: float, seed: int) -> int:
     """A copy of a pair or unpaired JSONL file with exactly round(rate * rows) preferences flipped
     (chosen <-> rejected with their scores; unpaired labels negated), the rows chosen by
-    prefjax.losses.label_noise.choose_flips(rows, rate, seed): for one seed, the rows flipped at a
+    prefjax.data.label_noise.choose_flips(rows, rate, seed): for one seed, the rows flipped at a
     lower rate are among those flipped at a higher one. Returns the number of flipped rows."""
     lines = Path(source).read_text().splitlines()
     flips = choose_flips(len(lines), rate, seed)

@@ -18,13 +18,12 @@ import orbax.checkpoint as ocp
 import pytest
 
 from prefjax import sharding as sharding_lib
+from prefjax.batch import processes_to_global_rows
 from prefjax.data.batching import build_batch
 from prefjax.data.pipeline import (
     DataConfig,
     Pipeline,
     iterate_global,
-    make_global_batch,
-    processes_to_global_rows,
 )
 from prefjax.data.tokenize import PreprocessError, tokenize_example
 from prefjax.models.tokenizer import load_tokenizer
@@ -86,9 +85,14 @@ def _collect(pipe, limit=None):
         return [b for _, b in zip(range(limit) if limit else iter(int, 1), it)]
 
 
+def _fields(batch):
+    """A batch's arrays by field name."""
+    return {**batch.rows(), **batch.columns()}
+
+
 def _ids(batch):
     """Indices of the real examples of a batch, in slot order."""
-    return [int(w) - 1 for w in batch["weight"] if w > 0]
+    return [int(w) - 1 for w in batch.weight if w > 0]
 
 
 def test_two_processes_cover_every_example_exactly_once():
@@ -134,12 +138,13 @@ def test_batches_match_direct_tokenization():
     batch = _collect(Pipeline(source, TOKENIZER, cfg), limit=1)[0]
     tokenized = [tokenize_example(source[i], TOKENIZER) for i in range(4)]
     want, _ = build_batch(tokenized, 4, 2, cfg.layout, TOKENIZER.pad_token_id)
-    assert batch.keys() == want.keys()
-    for key in want:
-        np.testing.assert_array_equal(batch[key], want[key])
+    assert _fields(batch).keys() == _fields(want).keys()
+    for key, value in _fields(want).items():
+        np.testing.assert_array_equal(_fields(batch)[key], value)
 
 
 def _assert_same(a, b):
+    a, b = _fields(a), _fields(b)
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
@@ -188,12 +193,12 @@ def test_label_noise_flips_an_exact_count_of_pairs(rate):
     batches = _collect(pipe)
     flipped = []
     for batch in batches:
-        B = batch["weight"].shape[0]
-        lengths = batch["segments"].reshape(2, B, -1).sum(-1)  # tokens of (chosen, rejected) per example
-        for b, w in enumerate(batch["weight"]):
+        B = batch.weight.shape[0]
+        lengths = batch.segments.reshape(2, B, -1).sum(-1)  # tokens of (chosen, rejected) per example
+        for b, w in enumerate(batch.weight):
             if w == 0:
                 continue
-            swapped_scores = batch["scores"][b, 0] < batch["scores"][b, 1]
+            swapped_scores = batch.scores[b, 0] < batch.scores[b, 1]
             # the rejected answer "no" is the shortest response: it moved to slot 0 iff flipped
             swapped_tokens = lengths[0, b] < lengths[1, b]
             assert swapped_scores == swapped_tokens
@@ -212,7 +217,7 @@ def test_label_noise_flips_an_exact_count_of_pairs(rate):
 def test_label_noise_flips_unpaired_labels():
     source = _unpaired(20)
     batches = _collect(Pipeline(source, TOKENIZER, _config(label_noise=0.3, shuffle=False)))
-    labels = {int(w) - 1: lab for b in batches for w, lab in zip(b["weight"], b["label"]) if w > 0}
+    labels = {int(w) - 1: lab for b in batches for w, lab in zip(b.weight, b.label) if w > 0}
     changed = [i for i in range(20) if labels[i] != float(source[i]["label"])]
     assert len(changed) == 6
 
@@ -247,8 +252,8 @@ def test_bad_examples_raise_or_are_dropped():
 def test_packed_pipeline_shapes():
     cfg = _config(pack=True, pack_rows=4, row_length=256, shuffle=False)
     batch = _collect(Pipeline(_pairs(8), TOKENIZER, cfg), limit=1)[0]
-    assert batch["tokens"].shape == (4, 256) and batch["weight"].shape == (4,)
-    assert set(batch["example_id"][batch["segments"] > 0].tolist()) == {0, 1, 2, 3}
+    assert batch.tokens.shape == (4, 256) and batch.weight.shape == (4,)
+    assert set(batch.example_id[batch.segments > 0].tolist()) == {0, 1, 2, 3}
 
 
 def test_data_config_from_mapping():
@@ -279,12 +284,12 @@ def test_global_arrays_on_a_mesh_of_8_devices(mesh_shape):
     mesh = sharding_lib.make_mesh(mesh_shape)
     pipe = Pipeline(_pairs(16), TOKENIZER, _config(batch_size=8))
     batch = _collect(pipe, limit=1)[0]
-    arrays = pipe.to_global(batch, mesh)
-    assert arrays.keys() == batch.keys()
+    arrays = _fields(pipe.to_global(batch, mesh))
+    assert arrays.keys() == _fields(batch).keys()
     batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
     for key, value in arrays.items():
-        assert isinstance(value, jax.Array) and value.shape == batch[key].shape
-        np.testing.assert_array_equal(np.asarray(value), batch[key])
+        assert isinstance(value, jax.Array) and value.shape == _fields(batch)[key].shape
+        np.testing.assert_array_equal(np.asarray(value), _fields(batch)[key])
         assert value.sharding.mesh.shape == mesh.shape
         assert value.sharding.spec[0] == ("data", "fsdp")  # the "batch" logical axis
         assert all(axis is None for axis in value.sharding.spec[1:])
@@ -294,7 +299,7 @@ def test_global_arrays_on_a_mesh_of_8_devices(mesh_shape):
 
 
 def test_two_process_assembly_keeps_the_layout_guarantee():
-    """What make_global_batch does with 2 processes, simulated: stack the local slices, offset
+    """What Batch.to_global does with 2 processes, simulated: stack the local slices, offset
     example ids, reorder; row k * B + b must hold response k of global example b."""
     source = _pairs(16)
     cfg = _config(batch_size=4, buckets=None)
@@ -302,9 +307,9 @@ def test_two_process_assembly_keeps_the_layout_guarantee():
         _collect(Pipeline(source, TOKENIZER, cfg, shard_index=p, shard_count=2), limit=1)[0] for p in (0, 1)
     ]
     Bl, K = 4, 2
-    stacked = {key: np.concatenate([local[p][key] for p in (0, 1)]) for key in local[0]}
+    stacked = {key: np.concatenate([_fields(local[p])[key] for p in (0, 1)]) for key in _fields(local[0])}
     ids = np.concatenate(
-        [np.where(local[p]["example_id"] >= 0, local[p]["example_id"] + p * Bl, -1) for p in (0, 1)]
+        [np.where(local[p].example_id >= 0, local[p].example_id + p * Bl, -1) for p in (0, 1)]
     )
     rows = {key: processes_to_global_rows(stacked[key], 2, K) for key in ("tokens", "loss_mask")}
     rows["example_id"] = processes_to_global_rows(ids, 2, K)
@@ -312,14 +317,14 @@ def test_two_process_assembly_keeps_the_layout_guarantee():
     for p in (0, 1):
         for bl in range(Bl):
             b = p * Bl + bl
-            assert stacked["weight"][b] == local[p]["weight"][bl]
+            assert stacked["weight"][b] == local[p].weight[bl]
             for k in range(K):
-                np.testing.assert_array_equal(rows["tokens"][k * B + b], local[p]["tokens"][k * Bl + bl])
+                np.testing.assert_array_equal(rows["tokens"][k * B + b], local[p].tokens[k * Bl + bl])
                 np.testing.assert_array_equal(
-                    rows["loss_mask"][k * B + b], local[p]["loss_mask"][k * Bl + bl]
+                    rows["loss_mask"][k * B + b], local[p].loss_mask[k * Bl + bl]
                 )
                 assert set(rows["example_id"][k * B + b].tolist()) - {-1} == {b}
-    # same function under jit on a global array, as make_global_batch runs it
+    # same function under jit on a global array, as Batch.to_global runs it
     jitted = jax.jit(lambda x: processes_to_global_rows(x, 2, K))(stacked["tokens"])
     np.testing.assert_array_equal(np.asarray(jitted), rows["tokens"])
 
@@ -328,12 +333,12 @@ def test_global_batch_single_process_is_unchanged():
     mesh = sharding_lib.make_mesh({"data": -1})
     pipe = Pipeline(_pairs(8), TOKENIZER, _config(batch_size=8, shuffle=False))
     batch = _collect(pipe, limit=1)[0]
-    arrays = make_global_batch(batch, mesh, num_responses=2, packed=False)
-    np.testing.assert_array_equal(np.asarray(arrays["example_id"]), batch["example_id"])
+    arrays = batch.to_global(mesh)
+    np.testing.assert_array_equal(np.asarray(arrays.example_id), batch.example_id)
     with _iterator(pipe) as it:
-        first = next(iterate_global(pipe, mesh, it))
-    for key in batch:
-        np.testing.assert_array_equal(np.asarray(first[key]), batch[key])
+        first = _fields(next(iterate_global(pipe, mesh, it)))
+    for key, value in _fields(batch).items():
+        np.testing.assert_array_equal(np.asarray(first[key]), value)
 
 
 _TWO_PROCESS_SCRIPT = r"""
@@ -358,7 +363,8 @@ local = next(it)
 it.close()
 mesh = sharding_lib.make_mesh({"data": -1})
 arrays = pipe.to_global(local, mesh)
-full = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in arrays.items()}
+full = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in arrays.rows().items()}
+full.update({k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in arrays.columns().items()})
 B = full["weight"].shape[0]
 assert B == 4, B
 for b in range(B):
@@ -371,7 +377,7 @@ for b in range(B):
         assert set(full["example_id"][row].tolist()) == {b, -1}, (b, k)
         assert full["segments"][row, len(ids):].sum() == 0
 print("OK", jax.process_index(), sorted(int(w) - 1 for w in full["weight"]), full["tokens"].shape[1],
-      local["tokens"].shape[1])
+      local.tokens.shape[1])
 """
 
 
@@ -448,10 +454,10 @@ def test_fill_packed_rows_batches_by_capacity_and_keeps_every_example_once():
     counts = [len(_ids(b)) for b in batches]
     assert max(counts) <= 32 and len(set(counts)) > 1  # the number of examples per batch follows the lengths
     for batch in batches:
-        assert batch["tokens"].shape == (4, 128) and batch["weight"].shape == (32,)
+        assert batch.tokens.shape == (4, 128) and batch.weight.shape == (32,)
         # every slot (real or filler) has both responses in the rows: no empty response
-        ids, resp = batch["example_id"], batch["response_id"]
-        present = {(int(e), int(k)) for e, k in zip(ids[batch["segments"] > 0], resp[batch["segments"] > 0])}
+        ids, resp = batch.example_id, batch.response_id
+        present = {(int(e), int(k)) for e, k in zip(ids[batch.segments > 0], resp[batch.segments > 0])}
         assert present == {(e, k) for e in range(32) for k in range(2)}
     # a batch closes only when the next example would not fit: adding the next batch's first
     # example to a (non-final) batch overflows its rows or its 32 slots

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from prefjax import losses
+from prefjax.data import synthetic_logps as synthetic
 from prefjax.losses import types
-from prefjax.losses import synthetic
 
 ALL = losses.names()
 

@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 
 from prefjax import losses
+from prefjax.data import synthetic_logps as synthetic
 from prefjax.losses.beta_dpo import BetaDPOState
-from prefjax.losses import synthetic
 from tests.losses.numpy_ref import as64, log_sigmoid
 
 SPEC = losses.get("beta_dpo")

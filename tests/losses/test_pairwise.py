@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from prefjax import losses
-from prefjax.losses import synthetic
+from prefjax.data import synthetic_logps as synthetic
 from tests.losses.numpy_ref import as64, log_sigmoid, sigmoid
 
 BATCHES = (1, 7, 64)

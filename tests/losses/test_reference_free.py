@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prefjax import losses
-from prefjax.losses import synthetic
+from prefjax.data import synthetic_logps as synthetic
 from tests.losses.numpy_ref import as64, log_sigmoid
 
 BATCHES = (1, 7, 64)

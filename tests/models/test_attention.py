@@ -112,12 +112,17 @@ def test_index_causal_drops_later_keys_even_when_positions_allow_them():
     assert bool(attention.index_causal(by_position)[0, 3, 3])
 
 
-def test_cpu_default_is_blocked_then_flash_and_explicit_choices_are_kept():
+def test_cpu_default_is_blocked_then_flash_and_explicit_choices_are_kept(monkeypatch):
     assert jax.default_backend() == "cpu"
+    monkeypatch.delenv("PREFJAX_ATTENTION", raising=False)
     assert attention.resolve_implementation(None) == "blocked"
     assert attention.resolve_implementation(None, 512) == "blocked"
     assert attention.resolve_implementation(None, 1024) == "flash"
     assert attention.resolve_implementation("xla", 4096) == "xla"
+    # $PREFJAX_ATTENTION replaces the default only: an explicit choice still wins
+    monkeypatch.setenv("PREFJAX_ATTENTION", "xla")
+    assert attention.resolve_implementation(None, 1024, fused_supported=lambda: True) == "xla"
+    assert attention.resolve_implementation("blocked", 1024) == "blocked"
 
 
 @pytest.mark.parametrize("name,impl,block", [("llama2-tiny", "blocked", 4), ("mistral-tiny", "blocked", 8),

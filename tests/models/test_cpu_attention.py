@@ -1,4 +1,4 @@
-"""The C++ fused CPU attention kernel (prefjax.models.cpu_attention) against independent references.
+"""The C++ fused CPU attention kernel (prefjax.models.cpu.fused_attention) against independent references.
 
 Forward values are checked against softmax attention written in numpy from its
 definition; gradients against jax.grad of prefjax's einsum attention (a separate
@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 
 from prefjax import models, sharding
-from prefjax.models import attention, cpu_attention
+from prefjax.models import attention
+from prefjax.models.cpu import fused_attention
 
-pytestmark = pytest.mark.skipif(not cpu_attention.available(),
-                                reason=f"fused CPU kernel unavailable: {cpu_attention.unavailable_reason()}")
+pytestmark = pytest.mark.skipif(not fused_attention.available(),
+                                reason=f"fused CPU kernel unavailable: {fused_attention.unavailable_reason()}")
 
 
 def _numpy_attention(q, k, v, visible, scale):
@@ -77,7 +78,7 @@ def _token_layout(t: int, b: int, seed: int, window=None, shared=False):
                 positions[row, start + p + r0:end] = p + np.arange(end - start - p - r0)
             start, seg = end, seg + 1
         segments[row, start:] = 0
-    layout = cpu_attention.TokenLayout(jnp.asarray(positions), jnp.asarray(segments), jnp.asarray(branches), window)
+    layout = fused_attention.TokenLayout(jnp.asarray(positions), jnp.asarray(segments), jnp.asarray(branches), window)
     mask = attention.index_causal(attention.attention_mask(layout.positions, layout.segments, layout.positions,
                                                            layout.segments, window, layout.branches))
     return layout, mask
@@ -93,7 +94,7 @@ def test_token_layout_equals_its_dense_mask(t, window, shared):
     weights = jax.random.normal(jax.random.key(1), q.shape)
 
     def run(m):
-        f = lambda q, k, v: cpu_attention.fused_attention(q, k, v, m, scale=0.2)  # noqa: E731
+        f = lambda q, k, v: fused_attention.fused_attention(q, k, v, m, scale=0.2)  # noqa: E731
         return f(q, k, v), jax.grad(lambda *a: jnp.sum(f(*a) * weights), argnums=(0, 1, 2))(q, k, v)
 
     (out_l, grads_l), (out_d, grads_d) = run(layout), run(mask)
@@ -110,9 +111,9 @@ def test_token_layout_keeps_the_t_by_t_mask_out_of_the_program():
 
     def temp_bytes(make_mask):
         def loss(q, k, v, positions, segments, branches):
-            parts = cpu_attention.TokenLayout(positions, segments, branches)
+            parts = fused_attention.TokenLayout(positions, segments, branches)
             m = make_mask(parts)
-            return jnp.sum(cpu_attention.fused_attention(q, k, v, m, scale=0.25) ** 2)
+            return jnp.sum(fused_attention.fused_attention(q, k, v, m, scale=0.25) ** 2)
         grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
         compiled = grad.lower(q, k, v, layout.positions, layout.segments, layout.branches).compile()
         return compiled.memory_analysis().temp_size_in_bytes
@@ -126,7 +127,7 @@ def test_token_layout_keeps_the_t_by_t_mask_out_of_the_program():
 def test_token_layout_on_a_batch_sharded_mesh():
     layout, _ = _token_layout(70, 8, seed=3, window=30, shared=True)
     q, k, v = _qkv(8, 70, 4, 2, 16, seed=3)
-    grad = jax.grad(lambda q, k, v: jnp.sum(cpu_attention.fused_attention(q, k, v, layout, scale=0.25) ** 2),
+    grad = jax.grad(lambda q, k, v: jnp.sum(fused_attention.fused_attention(q, k, v, layout, scale=0.25) ** 2),
                     argnums=(0, 1, 2))
     single = grad(q, k, v)
     with sharding.use_mesh(sharding.make_mesh({"data": 4, "fsdp": 2})):
@@ -146,7 +147,7 @@ def _qkv(b, t, n, kv, h, seed, spread=1.0):
 def test_forward_equals_numpy_softmax_attention(t, n, kv, h, window):
     mask, live = _layout(t, 4, seed=t, window=window)
     q, k, v = _qkv(4, t, n, kv, h, seed=t)
-    got = np.asarray(cpu_attention.fused_attention(q, k, v, mask, scale=h ** -0.5))
+    got = np.asarray(fused_attention.fused_attention(q, k, v, mask, scale=h ** -0.5))
     want = _numpy_attention(q, k, v, np.asarray(mask), h ** -0.5)
     np.testing.assert_allclose(got[live], want[live], rtol=2e-5, atol=2e-5)
     # padding queries (no visible key) give exactly zero rather than NaN
@@ -156,7 +157,7 @@ def test_forward_equals_numpy_softmax_attention(t, n, kv, h, window):
 def test_extreme_logits_stay_finite_and_exact():
     mask, live = _layout(100, 3, seed=1)
     q, k, v = _qkv(3, 100, 2, 1, 16, seed=2, spread=6.0)  # logits in the hundreds
-    got = np.asarray(cpu_attention.fused_attention(q, k, v, mask, scale=1.0))
+    got = np.asarray(fused_attention.fused_attention(q, k, v, mask, scale=1.0))
     assert np.isfinite(got).all()
     want = _numpy_attention(q, k, v, np.asarray(mask), 1.0)
     np.testing.assert_allclose(got[live], want[live], rtol=1e-4, atol=1e-4)
@@ -172,7 +173,7 @@ def test_gradients_equal_einsum_attention(t, n, kv, h):
     def loss(attend, q, k, v):
         return jnp.sum(jnp.where(live_q, attend(q, k, v) * weights, 0.0))
 
-    fused = lambda q, k, v: cpu_attention.fused_attention(q, k, v, mask, scale=0.3)  # noqa: E731
+    fused = lambda q, k, v: fused_attention.fused_attention(q, k, v, mask, scale=0.3)  # noqa: E731
     plain = lambda q, k, v: attention.einsum_attention(q, k, v, mask, scale=0.3, logit_softcap=None)  # noqa: E731
     got = jax.jit(jax.grad(lambda *a: loss(fused, *a), argnums=(0, 1, 2)))(q, k, v)
     want = jax.jit(jax.grad(lambda *a: loss(plain, *a), argnums=(0, 1, 2)))(q, k, v)
@@ -186,7 +187,7 @@ def test_gradients_equal_einsum_attention(t, n, kv, h):
 def test_batch_sharded_mesh_matches_single_device():
     mask, _ = _layout(70, 8, seed=3)
     q, k, v = _qkv(8, 70, 4, 2, 16, seed=3)
-    grad = jax.grad(lambda q, k, v: jnp.sum(cpu_attention.fused_attention(q, k, v, mask, scale=0.25) ** 2),
+    grad = jax.grad(lambda q, k, v: jnp.sum(fused_attention.fused_attention(q, k, v, mask, scale=0.25) ** 2),
                     argnums=(0, 1, 2))
     single = grad(q, k, v)
     mesh = sharding.make_mesh({"data": 4, "fsdp": 2})
@@ -200,9 +201,9 @@ def test_vmap_over_an_extra_axis():
     mask, _ = _layout(20, 2, seed=4)
     q, k, v = _qkv(2, 20, 2, 1, 16, seed=4)
     stacked = [jnp.stack([x, 2 * x]) for x in (q, k, v)]
-    got = jax.vmap(lambda q, k, v: cpu_attention.fused_attention(q, k, v, mask, scale=0.5))(*stacked)
+    got = jax.vmap(lambda q, k, v: fused_attention.fused_attention(q, k, v, mask, scale=0.5))(*stacked)
     for i in range(2):
-        np.testing.assert_allclose(got[i], cpu_attention.fused_attention(*(x[i] for x in stacked), mask, scale=0.5),
+        np.testing.assert_allclose(got[i], fused_attention.fused_attention(*(x[i] for x in stacked), mask, scale=0.5),
                                    rtol=1e-6)
 
 
@@ -210,8 +211,8 @@ def test_cpu_default_uses_the_kernel_for_float32_and_falls_back_otherwise(monkey
     mask, _ = _layout(16, 2, seed=5)
     q, k, v = _qkv(2, 16, 2, 1, 16, seed=5)
     calls = []
-    real = cpu_attention.fused_attention
-    monkeypatch.setattr(cpu_attention, "fused_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = fused_attention.fused_attention
+    monkeypatch.setattr(fused_attention, "fused_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     attention.dot_product_attention(q, k, v, mask, scale=0.25, logit_softcap=None, causal_rows=True)
     assert calls == [1]
     # bfloat16, soft-capping, a KV-cache forward and an unsupported head_dim take the JAX paths
@@ -271,5 +272,5 @@ def test_a_compiler_that_fails_is_reported_with_its_output(tmp_path, monkeypatch
     fake.chmod(0o755)
     monkeypatch.setenv("PREFJAX_KERNEL_CACHE", str(tmp_path / "cache"))
     with pytest.raises(RuntimeError, match="fake compiler: no such target"):
-        cpu_attention._build(str(fake))
+        fused_attention._build(str(fake))
     assert not list((tmp_path / "cache").glob("*.so"))  # nothing half-written is cached

@@ -16,6 +16,7 @@ from jax._src.ad_checkpoint import saved_residuals
 
 from prefjax import models, sharding
 from prefjax.models import layers
+from prefjax.models.cpu import mlp_slices
 
 _ACTIVATIONS = {
     "silu": lambda g: g / (1 + jnp.exp(-g)),
@@ -97,6 +98,32 @@ def test_compiled_backward_recomputes_late():
     assert per_token_floats < saved + n_layers * f, (per_token_floats, saved)
 
 
+def test_on_the_accelerator_path_the_lean_backward_holds_less_than_autodiff(monkeypatch):
+    # The custom VJP was measured on the CPU kernel's path; it runs on every backend, so on the
+    # path GPU and TPU take (jax's XLA attention, no MLP backward slices) its compiled model
+    # gradient must hold fewer temporaries than autodiff of the plain expression, at the same FLOPs.
+    cfg = _shape(hidden_size=64, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                 vocab_size=128, attention_impl="xla")
+    graphdef, params = models.init_params(cfg, seed=0)
+    tokens = jax.random.randint(jax.random.key(4), (4, 128), 0, 128)
+    monkeypatch.setattr(mlp_slices, "mlp_backward_slices", lambda *args: 1)
+
+    def compiled():
+        def loss(p):
+            hidden, _ = models.apply(graphdef, p, tokens)
+            return jnp.sum(jnp.sin(hidden))
+        program = jax.jit(jax.grad(loss)).lower(params).compile()
+        cost = program.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return program.memory_analysis().temp_size_in_bytes, cost["flops"]
+
+    lean_bytes, lean_flops = compiled()
+    monkeypatch.setattr(layers, "gated_mlp", lambda act, *a: _plain_mlp(act, *a[:4]))
+    plain_bytes, plain_flops = compiled()
+    assert lean_bytes < plain_bytes, (lean_bytes, plain_bytes)
+    assert lean_flops <= 1.02 * plain_flops, (lean_flops, plain_flops)
+
+
 # ---------------------------------------------------------------------------------------------
 # The backward over slices of the sequence axis
 
@@ -137,20 +164,20 @@ def _shape(**sizes):
 def test_slices_follow_the_mlp_share_of_the_saved_activations():
     shallow = _shape(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
     deep = _shape(hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64)
-    # 7 F per token against all layers' saved activations (prefjax.memory_budget's count)
-    from prefjax import memory_budget
-    assert layers.mlp_backward_weight(shallow) == pytest.approx(
+    # 7 F per token against all layers' saved activations (prefjax.models.memory_budget's count)
+    from prefjax.models import memory_budget
+    assert mlp_slices.mlp_backward_weight(shallow) == pytest.approx(
         7 * 128 / memory_budget.activation_floats_per_token(shallow))
-    assert layers.mlp_backward_weight(shallow) > 2 * layers.MLP_BACKWARD_SHARE  # 2 layers, F = 2 D
-    assert layers.mlp_backward_weight(deep) < layers.MLP_BACKWARD_SHARE
-    weight = layers.mlp_backward_weight(shallow)  # 0.50: 3 slices wanted, 4 is the next divisor of 256
-    assert layers.mlp_backward_slices(weight, 16, 256) == 4
-    assert layers.mlp_backward_slices(weight, 16, 2048) == 4
-    assert layers.mlp_backward_slices(weight, 16, 12) == 1  # 16 x 12 tokens: under the smallest slice
-    assert layers.mlp_backward_slices(weight, 1, 1024) == 4  # 3 does not divide 1024; 256-token slices allowed
-    assert layers.mlp_backward_slices(5.0, 1, 1024) == 4  # wants 25, stops at the 256-token floor
-    assert layers.mlp_backward_slices(weight, 300, 9) == 3
-    assert layers.mlp_backward_slices(layers.mlp_backward_weight(deep), 16, 2048) == 1
+    assert mlp_slices.mlp_backward_weight(shallow) > 2 * mlp_slices.MLP_BACKWARD_SHARE  # 2 layers, F = 2 D
+    assert mlp_slices.mlp_backward_weight(deep) < mlp_slices.MLP_BACKWARD_SHARE
+    weight = mlp_slices.mlp_backward_weight(shallow)  # 0.50: 3 slices wanted, 4 is the next divisor of 256
+    assert mlp_slices.mlp_backward_slices(weight, 16, 256) == 4
+    assert mlp_slices.mlp_backward_slices(weight, 16, 2048) == 4
+    assert mlp_slices.mlp_backward_slices(weight, 16, 12) == 1  # 16 x 12 tokens: under the smallest slice
+    assert mlp_slices.mlp_backward_slices(weight, 1, 1024) == 4  # 3 does not divide 1024; 256-token slices allowed
+    assert mlp_slices.mlp_backward_slices(5.0, 1, 1024) == 4  # wants 25, stops at the 256-token floor
+    assert mlp_slices.mlp_backward_slices(weight, 300, 9) == 3
+    assert mlp_slices.mlp_backward_slices(mlp_slices.mlp_backward_weight(deep), 16, 2048) == 1
 
 
 def test_model_gradients_are_the_same_with_and_without_slices(monkeypatch):
@@ -163,10 +190,10 @@ def test_model_gradients_are_the_same_with_and_without_slices(monkeypatch):
         hidden, _ = models.apply(graphdef, p, tokens)
         return jnp.sum(jnp.sin(hidden))
 
-    sliced = layers.mlp_backward_slices(layers.mlp_backward_weight(cfg), 2, 256)
+    sliced = mlp_slices.mlp_backward_slices(mlp_slices.mlp_backward_weight(cfg), 2, 256)
     assert sliced > 1
     with_slices = jax.jit(jax.grad(loss))(params)
-    monkeypatch.setattr(layers, "MLP_BACKWARD_SHARE", 1e9)
+    monkeypatch.setattr(mlp_slices, "MLP_BACKWARD_SHARE", 1e9)
     without = jax.jit(jax.grad(loss))(params)
     for a, b in zip(jax.tree.leaves(with_slices), jax.tree.leaves(without)):
         # float32 sums over the tokens in another order: agree to rounding of the largest entry
@@ -195,7 +222,7 @@ def test_sliced_backward_under_a_mesh_equals_one_device():
     cfg = _shape(hidden_size=32, intermediate_size=96, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=16,
                  vocab_size=64)
     tokens = jax.random.randint(jax.random.key(2), (8, 512), 0, 64)
-    assert layers.mlp_backward_slices(layers.mlp_backward_weight(cfg), 2, 512) > 1
+    assert mlp_slices.mlp_backward_slices(mlp_slices.mlp_backward_weight(cfg), 2, 512) > 1
 
     def grads(mesh):
         graphdef, params = models.init_params(cfg, seed=0, mesh=mesh)

@@ -1,4 +1,4 @@
-"""Per-response log-probs of a batch -> the input container a registered loss takes.
+"""A batch's scores -> the input container a registered loss takes.
 
 One function per data shape of the loss registry: pairs (PairLogps), unpaired
 feedback (UnpairedLogps), ranked lists (ListLogps), and reward-model pairs and
@@ -10,12 +10,15 @@ and absent columns carry NaN.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from prefjax.batch import Batch
 from prefjax.losses import types
+from prefjax.scoring import Scores
 
 Array = jax.Array
 
@@ -27,53 +30,44 @@ class Columns:
     scores: bool = False
     margin: bool = False
 
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Responses:
-    """Per-response sums [B, K] and, for unpacked batches, per-token arrays [K, B, T]."""
-
-    logps: Array
-    lengths: Array
-    ref_logps: Optional[Array] = None
-    token_logps: Optional[Array] = None
-    token_mask: Optional[Array] = None
-    token_kl: Optional[Array] = None
-    kl_logps: Optional[Array] = None  # KTO: policy log-probs of mismatched (x, y') [B]
-    ref_kl_logps: Optional[Array] = None
-    rewards: Optional[Array] = None  # reward-model head outputs [B, K]
+    @classmethod
+    def present_in(cls, batch: Batch) -> "Columns":
+        """The columns a (numpy) batch has: any finite value among its real (weight > 0) examples."""
+        live = np.asarray(batch.weight) > 0
+        return cls(scores=bool(np.isfinite(np.asarray(batch.scores)[live]).any()),
+                   margin=bool(np.isfinite(np.asarray(batch.margin)[live]).any()))
 
 
 def _finite_or_zero(x: Array) -> Array:
     return jnp.where(jnp.isfinite(x), x, 0.0)
 
 
-def build(inputs_cls: type, r: Responses, batch: dict[str, Array], columns: Columns) -> Any:
+def build(inputs_cls: type, r: Scores, batch: Batch, columns: Columns) -> Any:
     """The loss input of class `inputs_cls` for one (micro-)batch."""
-    weight = batch["weight"]
+    weight = batch.weight
     if inputs_cls is types.PairLogps:
         return _pairs(r, batch, columns, weight)
     if inputs_cls is types.UnpairedLogps:
         return types.UnpairedLogps(
-            logps=r.logps[:, 0], label=batch["label"] > 0.5,
+            logps=r.logps[:, 0], label=batch.label > 0.5,
             ref_logps=None if r.ref_logps is None else r.ref_logps[:, 0], length=r.lengths[:, 0],
             kl_logps=r.kl_logps, ref_kl_logps=r.ref_kl_logps, weight=weight)
     if inputs_cls is types.ListLogps:
-        scores = batch["scores"]
+        scores = batch.scores
         return types.ListLogps(logps=r.logps, scores=_finite_or_zero(scores), ref_logps=r.ref_logps,
                                lengths=r.lengths, mask=jnp.isfinite(scores), weight=weight)
     if inputs_cls is types.RewardPair:
         return types.RewardPair(chosen=r.rewards[:, 0], rejected=r.rewards[:, 1],
-                                margin=_finite_or_zero(batch["margin"]) if columns.margin else None,
+                                margin=_finite_or_zero(batch.margin) if columns.margin else None,
                                 weight=weight)
     if inputs_cls is types.RatedResponses:
-        scores = batch["scores"]
+        scores = batch.scores
         return types.RatedResponses(predicted=r.rewards, target=_finite_or_zero(scores),
                                     mask=jnp.isfinite(scores), weight=weight)
     raise TypeError(f"no batch layout for loss inputs {inputs_cls.__name__}")
 
 
-def _pairs(r: Responses, batch: dict[str, Array], columns: Columns, weight: Array) -> types.PairLogps:
+def _pairs(r: Scores, batch: Batch, columns: Columns, weight: Array) -> types.PairLogps:
     fields: dict[str, Any] = dict(
         chosen=r.logps[:, 0], rejected=r.logps[:, 1],
         chosen_len=r.lengths[:, 0], rejected_len=r.lengths[:, 1],
@@ -89,8 +83,8 @@ def _pairs(r: Responses, batch: dict[str, Array], columns: Columns, weight: Arra
     if r.token_kl is not None:
         fields.update(chosen_token_kl=r.token_kl[0], rejected_token_kl=r.token_kl[1])
     if columns.scores:
-        scores = _finite_or_zero(batch["scores"])
+        scores = _finite_or_zero(batch.scores)
         fields.update(score_chosen=scores[:, 0], score_rejected=scores[:, 1])
     if columns.margin:
-        fields.update(margin=_finite_or_zero(batch["margin"]))
+        fields.update(margin=_finite_or_zero(batch.margin))
     return types.PairLogps(**fields)

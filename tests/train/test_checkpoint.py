@@ -23,10 +23,10 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from prefjax import models, sharding
-from prefjax.checkpoint import Checkpointer, CheckpointNotFoundError, checkpoint_size_bytes
-from prefjax.preemption import PreemptionWatcher
+from prefjax.train.checkpoint import Checkpointer, CheckpointNotFoundError, checkpoint_size_bytes
+from prefjax.train.preemption import PreemptionWatcher
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 @jax.tree_util.register_dataclass
@@ -366,8 +366,8 @@ _TRAINER = textwrap.dedent("""
     import jax, jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
     from prefjax import sharding
-    from prefjax.checkpoint import Checkpointer
-    from prefjax.preemption import PreemptionWatcher
+    from prefjax.train.checkpoint import Checkpointer
+    from prefjax.train.preemption import PreemptionWatcher
 
     directory, mode = sys.argv[1], sys.argv[2]
     if mode == "distributed":

@@ -1,4 +1,4 @@
-"""prefjax.metrics: metrics.jsonl and TensorBoard output, resume truncation, one-step-late
+"""prefjax.train.metrics: metrics.jsonl and TensorBoard output, resume truncation, one-step-late
 fetching, FLOP counts against independent counts, peak-rate lookup, MFU and the progress line."""
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-from prefjax import metrics, models
+from prefjax import models
 from prefjax.models.attention import attention_mask
+from prefjax.train import metrics
 
 # --------------------------------------------------------------------------- writer
 

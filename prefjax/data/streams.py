@@ -1,25 +1,26 @@
-"""Where the trainer's batches come from: the data pipeline, or synthetic random rows.
+"""The trainer's dataset streams: the data pipeline, prefix-shared rows, or synthetic random rows.
 
-Both streams yield this process's numpy slice of the global batch (the data
-contract of prefjax.data.batching) and turn it into global arrays on the mesh.
-Their position is part of every checkpoint: the grain iterator's state for
-the pipeline (saved by the Checkpointer), a batch counter for the synthetic
-stream (saved in the checkpoint metadata), so a resumed run sees exactly the
-batches an uninterrupted run would have seen next.
+Each stream is a batch source of the training loop (prefjax.train.batch_source): it
+yields this process's numpy slice of the global batch (a prefjax.batch.Batch) and
+knows its pad id for assembling global arrays. Its position is part of every
+checkpoint: the grain iterator's state for the pipeline (`data_iterator`, saved by
+the Checkpointer), a batch counter for the synthetic stream (`state()`, saved in
+the checkpoint metadata), so a resumed run sees exactly the batches an
+uninterrupted run would have seen next.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import functools
+from typing import Any, Callable, Optional
 
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh
 
-from prefjax import synthetic_batches
+from prefjax.batch import Batch
 from prefjax.data import pipeline as pipeline_lib
-from prefjax.data import prefix_sharing
+from prefjax.data import prefix_sharing, synthetic_batches
 from prefjax.models.tokenizer import Tokenizer
 
 
@@ -35,14 +36,12 @@ class SyntheticStream:
         self.num_batches = num_batches
         self.position = 0
         self.pad_id = 0
-        self.packed = False
-        self.shared_prefix = False
-        self.grain_iterator = None
+        self.data_iterator = None
 
     def __iter__(self) -> "SyntheticStream":
         return self
 
-    def __next__(self) -> dict[str, np.ndarray]:
+    def __next__(self) -> Batch:
         if self.num_batches is not None and self.position >= self.num_batches:
             raise StopIteration
         index = self.position % self.pool if self.pool else self.position
@@ -51,7 +50,7 @@ class SyntheticStream:
         count, index = jax.process_count(), jax.process_index()
         full = synthetic_batches.random_batch(self.batch_size * count, self.num_responses, self.length,
                                               self.vocab_size, seed=seed, kind=self.kind, fill=0.9)
-        return process_slice(full, self.num_responses, count, index)
+        return full.process_slice(count, index)
 
     def state(self) -> dict[str, Any]:
         return {"synthetic_position": self.position}
@@ -59,59 +58,54 @@ class SyntheticStream:
     def restore(self, state: dict[str, Any]) -> None:
         self.position = int(state.get("synthetic_position", 0))
 
+    def close(self) -> None:
+        pass
+
 
 class PipelineStream:
     """Batches of a prefjax.data Pipeline; its grain iterator carries the position."""
 
     def __init__(self, pipeline: pipeline_lib.Pipeline):
         self.pipeline = pipeline
-        self.grain_iterator = iter(pipeline)
+        self.data_iterator = iter(pipeline)
         self.num_responses = pipeline.num_responses
         self.pad_id = pipeline.pad_id
-        self.packed = pipeline.config.layout.pack
-        self.shared_prefix = False
 
     def __iter__(self) -> "PipelineStream":
         return self
 
-    def __next__(self) -> dict[str, np.ndarray]:
-        return next(self.grain_iterator)
+    def __next__(self) -> Batch:
+        return next(self.data_iterator)
 
     def state(self) -> dict[str, Any]:
-        return {}  # the Checkpointer saves grain_iterator itself
+        return {}  # the Checkpointer saves data_iterator itself
 
     def restore(self, state: dict[str, Any]) -> None:
         del state
 
     def close(self) -> None:
-        close = getattr(self.grain_iterator, "close", None)
+        close = getattr(self.data_iterator, "close", None)
         if close is not None:
             close()
 
 
-class SharedPrefixStream:
-    """Another stream's unpacked batches as prefix-shared rows (prefjax.data.prefix_sharing),
-    one example per row or, with `pack_rows`, packed several to a row.
+class MappedStream:
+    """Another stream's batches, each passed through `fn`; the position is the inner stream's.
 
-    For assembly across processes the rows behave like packed ones (example ids
-    offset per process), hence `packed`.
+    Prefix-shared rows (`fn` = prefjax.data.prefix_sharing.share_prefixes) and the precomputed
+    reference's log-probs (prefjax.train.reference_cache) are such maps.
     """
 
-    def __init__(self, inner: Any, multiple: int = 64, pack_rows: Optional[int] = None,
-                 row_length: Optional[int] = None, overflow: str = "error"):
-        self.inner, self.multiple = inner, multiple
-        self.pack_rows, self.row_length, self.overflow = pack_rows, row_length, overflow
+    def __init__(self, inner: Any, fn: Callable[[Batch], Batch]):
+        self.inner, self.fn = inner, fn
         self.num_responses, self.pad_id = inner.num_responses, inner.pad_id
-        self.grain_iterator = inner.grain_iterator
-        self.packed = True
-        self.shared_prefix = True
+        self.data_iterator = inner.data_iterator
 
-    def __iter__(self) -> "SharedPrefixStream":
+    def __iter__(self) -> "MappedStream":
         return self
 
-    def __next__(self) -> dict[str, np.ndarray]:
-        return prefix_sharing.share_prefixes(next(self.inner), self.num_responses, self.multiple, self.pad_id,
-                                             self.pack_rows, self.row_length, self.overflow)
+    def __next__(self) -> Batch:
+        return self.fn(next(self.inner))
 
     def state(self) -> dict[str, Any]:
         return self.inner.state()
@@ -120,41 +114,13 @@ class SharedPrefixStream:
         self.inner.restore(state)
 
     def close(self) -> None:
-        close = getattr(self.inner, "close", None)
-        if close is not None:
-            close()
-
-
-def process_slice(batch: dict[str, np.ndarray], num_responses: int, count: int, index: int,
-                  ) -> dict[str, np.ndarray]:
-    """Process `index`'s block of an unpacked global batch, in the local unpacked layout."""
-    if count == 1:
-        return batch
-    b = batch["weight"].shape[0]
-    local = b // count
-    examples = np.arange(index * local, (index + 1) * local)
-    rows = np.concatenate([k * b + examples for k in range(num_responses)])
-    out = {}
-    for key, value in batch.items():
-        if value.shape[0] == b and key not in ("tokens", "positions", "segments", "loss_mask", "example_id",
-                                                "response_id"):
-            out[key] = value[examples]
-        else:
-            out[key] = value[rows]
-    ids = out["example_id"]
-    out["example_id"] = np.where(ids >= 0, ids - index * local, ids).astype(np.int32)
-    return out
-
-
-def to_global(stream: Any, batch: dict[str, np.ndarray], mesh: Mesh, rules: Any = None) -> dict[str, jax.Array]:
-    return pipeline_lib.make_global_batch(batch, mesh, num_responses=stream.num_responses, packed=stream.packed,
-                                          pad_id=stream.pad_id, rules=rules)
+        self.inner.close()
 
 
 def data_config(data: ml_collections.ConfigDict, *, per_process_batch: int, seed: int,
                 num_epochs: Optional[int], shuffle: bool) -> pipeline_lib.DataConfig:
     """The pipeline's DataConfig from the trainer's `config.data` section (unpacked rows when
-    data.share_prefix packs: SharedPrefixStream packs the shared rows itself)."""
+    data.share_prefix packs: the prefix-shared rows are packed by prefix_sharing itself)."""
     pack = data.pack and not data.share_prefix
     mapping = dict(batch_size=per_process_batch, max_len=data.max_len, pack=pack, buckets=data.buckets,
                    seed=seed, shuffle=shuffle, num_epochs=num_epochs, label_noise=data.label_noise,
@@ -175,14 +141,15 @@ def make_stream(config: ml_collections.ConfigDict, source_spec: str, *, kind: st
     data.share_prefix is set."""
     stream = _unpacked_or_packed_stream(config, source_spec, kind=kind, vocab_size=vocab_size,
                                         tokenizer=tokenizer, train=train)
-    if config.data.share_prefix:
+    data = config.data
+    if data.share_prefix:
         # Rows rounded to multiples of the bucket step (64 by default): few distinct shapes to compile.
-        multiple = config.data.buckets if isinstance(config.data.buckets, int) else 64
-        if config.data.pack:
-            return SharedPrefixStream(stream, multiple=multiple, pack_rows=config.data.pack_rows,
-                                      row_length=config.data.row_length or config.data.max_len,
-                                      overflow=config.data.pack_overflow)
-        return SharedPrefixStream(stream, multiple=multiple)
+        share = functools.partial(prefix_sharing.share_prefixes,
+                                  multiple=data.buckets if isinstance(data.buckets, int) else 64, pad_id=stream.pad_id)
+        if data.pack:  # the examples' blocks packed several to a row
+            share = functools.partial(share, pack_rows=data.pack_rows, row_length=data.row_length or data.max_len,
+                                      overflow=data.pack_overflow)
+        return MappedStream(stream, share)
     return stream
 
 

@@ -1,4 +1,4 @@
-"""prefjax.optim: schedules against hand formulas, the weight-decay mask per path,
+"""prefjax.train.optim: schedules against hand formulas, the weight-decay mask per path,
 clipping, every optimizer on a tiny model, and optimizer-state shardings on 8 fake
 CPU devices."""
 
@@ -13,7 +13,8 @@ import optax
 import pytest
 from jax.tree_util import keystr
 
-from prefjax import models, optim, sharding
+from prefjax import models, sharding
+from prefjax.train import optim
 
 
 def _config(**fields):

@@ -18,11 +18,12 @@ import jax
 import numpy as np
 import pytest
 
-from prefjax import checkpoint, config_lib, train
-from prefjax.metrics import read_metrics
+from prefjax import train
 from prefjax.models import hf_checkpoint
+from prefjax.train import checkpoint, config_lib
+from prefjax.train.metrics import read_metrics
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"
 
 
@@ -46,7 +47,7 @@ def _config(**changes):
 
 
 def _losses(workdir):
-    return {m["step"]: m["loss"] for m in read_metrics(str(Path(workdir) / "metrics.jsonl"))}
+    return {m["step"]: m["loss"] for m in read_metrics(str(Path(workdir) / "metrics.jsonl")) if "loss" in m}
 
 
 def test_run_learns_checkpoints_and_exports(tmp_path):
@@ -102,16 +103,67 @@ def test_sigkill_then_rerun_reproduces_the_uninterrupted_trajectory(tmp_path):
 
 
 def test_precomputed_reference_equals_the_frozen_one(tmp_path):
-    frozen = train.run(_config(), str(tmp_path / "frozen"))
-    pre = train.run(_config(**{"reference.kind": "precomputed"}), str(tmp_path / "pre"))
+    # Held-out evaluation too: the held-out data gets its own cache, computed before training.
+    frozen = train.run(_config(**{"data.eval_source": "synthetic"}), str(tmp_path / "frozen"))
+    pre = train.run(_config(**{"reference.kind": "precomputed", "data.eval_source": "synthetic"}),
+                    str(tmp_path / "pre"))
     np.testing.assert_allclose([_losses(tmp_path / "pre")[s] for s in range(1, 7)],
                                [_losses(tmp_path / "frozen")[s] for s in range(1, 7)], rtol=1e-5)
     assert frozen["step"] == pre["step"] == 6
-    cache = list((tmp_path / "pre" / "reference_cache").glob("*/part-*.npz"))
-    assert len(cache) == 1
-    mtime = cache[0].stat().st_mtime_ns
-    train.run(_config(**{"reference.kind": "precomputed", "total_steps": 6}), str(tmp_path / "pre"))
-    assert cache[0].stat().st_mtime_ns == mtime  # reused, not recomputed
+    evals = sorted(k for k in frozen if k.startswith("eval/"))
+    assert "eval/loss" in evals and evals == sorted(k for k in pre if k.startswith("eval/"))
+    np.testing.assert_allclose([pre[k] for k in evals], [frozen[k] for k in evals], rtol=1e-4, atol=1e-6)
+    cache = sorted((tmp_path / "pre" / "reference_cache").glob("*/part-*.npz"))
+    assert len(cache) == 2  # training data and held-out data
+    mtimes = [c.stat().st_mtime_ns for c in cache]
+    train.run(_config(**{"reference.kind": "precomputed", "total_steps": 6, "data.eval_source": "synthetic"}),
+              str(tmp_path / "pre"))
+    assert [c.stat().st_mtime_ns for c in cache] == mtimes  # reused, not recomputed
+
+
+class _HandMadeSource:
+    """A batch source written outside prefjax.data: synthetic batches, its position in state()."""
+
+    def __init__(self):
+        from prefjax import models
+        self.num_responses, self.pad_id, self.data_iterator = 2, 0, None
+        self.vocab = models.get_preset("llama2-tiny").vocab_size
+        self.position, self.closed = 0, False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        from prefjax.data import synthetic_batches
+        self.position += 1
+        return synthetic_batches.random_batch(8, 2, 32, self.vocab, seed=100 + (self.position - 1) % 3)
+
+    def state(self):
+        return {"position": self.position}
+
+    def restore(self, state):
+        self.position = state["position"]
+
+    def close(self):
+        self.closed = True
+
+
+def test_the_loop_reads_any_batch_source_and_resumes_its_position(tmp_path):
+    from prefjax.train.batch_source import BatchSource
+
+    assert isinstance(_HandMadeSource(), BatchSource)
+    train.run(_config(**{"total_steps": 4, "checkpoint.every": 2}), str(tmp_path / "straight"),
+              source=_HandMadeSource())
+    train.run(_config(**{"total_steps": 2, "checkpoint.every": 2}), str(tmp_path / "resumed"),
+              source=_HandMadeSource())
+    source = _HandMadeSource()
+    train.run(_config(**{"total_steps": 4, "checkpoint.every": 2}), str(tmp_path / "resumed"), source=source)
+    want, got = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
+    assert sorted(got) == [1, 2, 3, 4]
+    np.testing.assert_allclose([got[s] for s in range(1, 5)], [want[s] for s in range(1, 5)], rtol=1e-6)
+    assert source.position == 4 and source.closed  # restored to 2, then read steps 3 and 4
+    with pytest.raises(config_lib.ConfigError, match="computes its cache from data.source"):
+        train.run(_config(**{"reference.kind": "precomputed"}), str(tmp_path / "pre"), source=_HandMadeSource())
 
 
 def _saved_paths(workdir, step):
@@ -167,7 +219,7 @@ def test_hf_model_on_a_chat_dataset_with_evaluation(tmp_path):
     ({"mesh.data": 2, "mesh.fsdp": 2}, "4 devices but 8"),
     ({"data.batch_size": 12}, "data-parallel size"),
     ({"grad_accum": 3}, "multiple of grad_accum"),
-    ({"lora.enabled": True}, "reference.kind='lora'"),
+    ({"lora.enabled": True, "reference.kind": "frozen"}, "reference.kind='lora'"),
     ({"loss_name": "tdpo1", "reference.kind": "precomputed"}, "per token"),
     ({"reference.refresh": "sometimes"}, "reference.refresh"),
     ({"model.preset": "gpt5"}, "not a preset"),
@@ -197,14 +249,14 @@ def test_config_errors_name_the_key_and_the_choices(changes, message):
 
 
 def test_log_prob_tiling_keys_reach_the_step():
-    from prefjax import loss_inputs, train_setup
+    from prefjax.train import setup
     config = _config()
     config.logprob_chunk, config.vocab_chunk, config.logprob_tile_tokens = 32, 100, 64
-    spec = train_setup.step_spec(config, loss_inputs.Columns(), 2, packed=False)
-    assert (spec.logprob_chunk, spec.vocab_chunk, spec.logprob_tile_tokens) == (32, 100, 64)
+    tiling = setup.tiling(config)
+    assert (tiling.chunk, tiling.vocab_chunk, tiling.tile_tokens) == (32, 100, 64)
     config.logprob_tile_tokens = None
     config_lib.validate(config)
-    assert train_setup.step_spec(config, loss_inputs.Columns(), 2, packed=False).logprob_tile_tokens is None
+    assert setup.tiling(config).tile_tokens is None
 
 
 def test_a_loss_that_needs_scores_refuses_data_without_them(tmp_path):

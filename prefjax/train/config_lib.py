@@ -18,9 +18,10 @@ from typing import Any, Optional
 import jax
 import ml_collections
 
-from prefjax import optim, steps
+from prefjax import roles
 from prefjax.losses import registry, types
 from prefjax.models.config import PRESETS
+from prefjax.train import optim
 
 ConfigDict = ml_collections.ConfigDict
 NONFINITE_MODES = ("stop", "skip")
@@ -53,7 +54,7 @@ def trainer_config() -> ConfigDict:
     c.loss_name = "dpo"
     c.loss = ConfigDict()  # the loss's hyperparameters; unset ones take the paper defaults
     c.reference = ConfigDict(dict(
-        kind="frozen",  # frozen | lora (base, adapters off) | precomputed | none
+        kind="auto",  # auto (what the loss needs) | frozen | lora (base, adapters off) | precomputed | none
         dtype="",  # "" = the policy's param dtype; e.g. "bfloat16" halves its memory
         refresh="none",  # none | soft (TR-DPO alpha mix-in) | hard (copy; previous iterate)
         refresh_every=1, alpha=0.5,
@@ -84,7 +85,8 @@ def trainer_config() -> ConfigDict:
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.sharding_rules = ml_collections.FieldReference(None, field_type=list)  # None: prefjax.sharding.DEFAULT_RULES
     c.distributed = ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1))
-    c.checkpoint = ConfigDict(dict(every=10, keep=3, async_save=True, export_hf=True, export_dtype=""))
+    # export_dir: where the Hugging Face export goes ("" = <workdir>/hf_export)
+    c.checkpoint = ConfigDict(dict(every=10, keep=3, async_save=True, export_hf=True, export_dtype="", export_dir=""))
     c.log_every = 1
     c.eval_every = 0  # 0: evaluate only at the end (when there is eval data)
     c.eval_batches = 4
@@ -141,19 +143,21 @@ def _check_loss(config: ConfigDict) -> None:
 
 
 def _check_reference(config: ConfigDict) -> None:
+    """The reference strategy (prefjax.roles), with reference.kind="auto" resolved for the loss."""
     ref = config.reference
-    _check_choice("reference.kind", ref.kind, steps.REFERENCES)
-    _check_choice("reference.refresh", ref.refresh, steps.REF_UPDATES)
+    _check_choice("reference.kind", ref.kind, roles.REFERENCE_KINDS)
+    _check_choice("reference.refresh", ref.refresh, roles.REFRESH_MODES)
     spec = registry.get(config.loss_name)
-    if spec.needs_reference and ref.kind == "none":
+    kind = roles.resolve_kind(ref.kind, spec, config.lora.enabled)
+    if spec.needs_reference and kind == "none":
         _fail(f"loss {config.loss_name!r} needs a reference model but reference.kind='none'; "
-              "use 'frozen', 'lora' or 'precomputed', or a reference-free loss")
-    if ref.kind == "lora" and not config.lora.enabled:
+              "use 'auto', 'frozen', 'lora' or 'precomputed', or a reference-free loss")
+    if kind == "lora" and not config.lora.enabled:
         _fail("reference.kind='lora' needs lora.enabled=True (the reference is the base with adapters off)")
-    if config.lora.enabled and ref.kind == "frozen":
+    if config.lora.enabled and kind == "frozen":
         _fail("with lora.enabled the reference is the base model: set reference.kind='lora' "
               "(no second copy of the weights) or 'precomputed'")
-    if ref.kind == "precomputed":
+    if kind == "precomputed":
         if "chosen_token_kl" in spec.requires or "kl_logps" in spec.requires:
             _fail(f"loss {config.loss_name!r} needs reference log-probs per token or on mismatched pairs, "
                   "which a precomputed reference does not store; use reference.kind='frozen'")
@@ -162,16 +166,14 @@ def _check_reference(config: ConfigDict) -> None:
         if ref.refresh != "none":
             _fail("a precomputed reference cannot be updated during training (reference.refresh='none')")
     if ref.refresh != "none":
-        if ref.kind not in ("frozen",):
-            _fail(f"reference.refresh={ref.refresh!r} needs reference.kind='frozen'")
+        if kind != "frozen":
+            _fail(f"reference.refresh={ref.refresh!r} needs reference.kind='frozen'"
+                  + (" (the loss reads no reference)" if kind == "none" else ""))
         if ref.refresh_every < 1:
             _fail(f"reference.refresh_every={ref.refresh_every} must be >= 1")
         if not 0.0 < ref.alpha <= 1.0:
             _fail(f"reference.alpha={ref.alpha} must be in (0, 1]")
-    if ref.kind == "none" and spec.needs_reference is False and ref.refresh != "none":
-        _fail("reference.refresh needs a reference")
-    if ref.dtype not in ("", "float32", "bfloat16", "float16"):
-        _fail(f"reference.dtype={ref.dtype!r}; choose '', 'float32', 'bfloat16' or 'float16'")
+    _check_choice("reference.dtype", ref.dtype, roles.DTYPES)
 
 
 def _mixing_layout(config: ConfigDict) -> str:

@@ -26,7 +26,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from prefjax.models.config import ModelConfig
-from prefjax.models.layers import dtype_of
+from prefjax.models.dtypes import dtype_of
 
 
 @dataclasses.dataclass(frozen=True)

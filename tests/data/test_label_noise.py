@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prefjax import losses
-from prefjax.losses import label_noise
+from prefjax.data import label_noise
 from tests.losses.numpy_ref import as64, log_sigmoid
 
 B, T = 12, 5

@@ -1,7 +1,7 @@
 """Random batches in the data pipeline's layout, for tests, benchmarks and smoke runs.
 
-Same keys, dtypes and unpacked row order as prefjax.data.batching produces
-(row k * B + b = response k of example b): each sequence is a random prompt
+The same prefjax.batch.Batch, dtypes and unpacked row order as prefjax.data.batching
+produces (row k * B + b = response k of example b): each sequence is a random prompt
 followed by a random response, right-padded; the loss mask covers the response.
 """
 
@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from prefjax.batch import Batch
+
 
 def random_batch(batch_size: int, num_responses: int, length: int, vocab_size: int, *, seed: int = 0,
-                 min_prompt: int = 2, kind: str = "pair", fill: float = 1.0) -> dict[str, np.ndarray]:
+                 min_prompt: int = 2, kind: str = "pair", fill: float = 1.0) -> Batch:
     """A numpy Batch of `batch_size` examples with `num_responses` responses each.
 
     fill: fraction of the row (at most) a sequence occupies, so some rows end in padding.
@@ -39,6 +41,7 @@ def random_batch(batch_size: int, num_responses: int, length: int, vocab_size: i
     response_id = np.where(segments > 0, np.repeat(np.arange(num_responses), batch_size)[:, None], -1).astype(np.int32)
     scores = rng.normal(size=(batch_size, num_responses)).astype(np.float32)
     label = (np.arange(batch_size) % 2 == 0).astype(np.float32) if kind == "unpaired" else np.ones(batch_size, np.float32)
-    return dict(tokens=tokens, positions=positions, segments=segments, loss_mask=loss_mask, example_id=example_id,
-                response_id=response_id, weight=np.ones(batch_size, np.float32), scores=scores,
-                margin=np.abs(rng.normal(size=batch_size)).astype(np.float32), label=label)
+    return Batch(tokens=tokens, positions=positions, segments=segments, loss_mask=loss_mask, example_id=example_id,
+                 response_id=response_id, weight=np.ones(batch_size, np.float32), scores=scores,
+                 margin=np.abs(rng.normal(size=batch_size)).astype(np.float32), label=label,
+                 num_responses=num_responses)

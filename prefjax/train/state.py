@@ -2,8 +2,8 @@
 
 `params` holds only what is trained: {"model": full params} or, for LoRA runs,
 {"adapters": ...}; a reward-model loss adds {"reward_head": [D]}. The frozen
-reference (or the LoRA base) is not in the state and never enters a
-checkpoint: it is rebuilt from the run's initial weights. The one exception
+reference and the LoRA base (prefjax.roles.Fixed) are not in the state and never
+enter a checkpoint: they are rebuilt from the run's initial weights. The one exception
 is a reference that moves during training (TR-DPO soft/hard updates, previous
 iterate), which lives in `ref_params` because a resumed run could not rebuild it.
 """
