@@ -3,7 +3,7 @@
 Why: on a CPU, XLA runs attention as whole-array ops, so every intermediate of
 size [B, heads, T, T] (logits, weights, their gradients) goes through main
 memory several times; at T = 1024 that traffic, not arithmetic, set the step
-time of small models (the blocked path in prefjax.models.attention still
+time of small models (the blocked path in prefjax.models.cpu.blocked_attention still
 materialises a [B, heads, block, T] slab per query block). Here each query block
 walks the key blocks up to its own end with a running max and sum (the online
 softmax), so only [B, heads, block_q, block_k] tiles exist at a time and stay in

@@ -1,7 +1,7 @@
 // Fused causal attention for XLA:CPU (forward and backward), called through the XLA FFI.
 //
 // Why this exists: on a CPU, XLA runs attention as separate whole-array ops (or, in
-// prefjax.models.flash_attention, as a loop of small batched dots), so at 1024+ tokens
+// prefjax.models.cpu.flash_attention, as a loop of small batched dots), so at 1024+ tokens
 // the step time of small models is spent moving [block, block] score tiles through main
 // memory and in per-op overhead. Here one call computes a whole query block against
 // every key block it may see, with the score tile, its softmax and its product with V
