@@ -260,7 +260,7 @@ def read_rows(path: PathLike, *, format: str | None = None, json_columns: Sequen
 def read_examples(paths: PathLike | Iterable[PathLike], *, shape: str = "auto",
                   fields: Mapping[str, str] | None = None, format: str | None = None,
                   json_columns: Sequence[str] = (), on_error: str = "raise",
-                  summary: LoadSummary | None = None) -> Iterator[dict[str, Any]]:
+                  summary: LoadSummary | None = None, row_format: str = "auto") -> Iterator[dict[str, Any]]:
     """Yields canonical examples from files (paths, globs), file after file, in order.
 
     ``shape="auto"`` takes the shape of the first good row for all files. With ``on_error="skip"``

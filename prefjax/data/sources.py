@@ -93,11 +93,13 @@ class TfdsSource:
 
 def from_files(files: PathLike | Iterable[PathLike], *, shape: str = "auto",
                fields: Mapping[str, str] | None = None, format: str | None = None,
-               json_columns: Sequence[str] = (), on_error: str = "raise") -> ListSource:
-    """Reads and validates local files into a ListSource (see prefjax.data.readers for formats)."""
+               json_columns: Sequence[str] = (), on_error: str = "raise", row_format: str = "auto") -> ListSource:
+    """Reads and validates local files into a ListSource (see prefjax.data.readers for file formats;
+    ``row_format`` is the rows' layout, prefjax.data.formats)."""
     summary = LoadSummary()
     examples = list(readers.read_examples(files, shape=shape, fields=fields, format=format,
-                                          json_columns=json_columns, on_error=on_error, summary=summary))
+                                          json_columns=json_columns, on_error=on_error, summary=summary,
+                                          row_format=row_format))
     return ListSource(examples, summary)
 
 
@@ -142,7 +144,8 @@ def _is_tfds_directory(path: str) -> bool:
 def load_source(source: PathLike | Iterable[PathLike], *, split: str = "train",
                 data_dir: PathLike | None = None, prepare: bool = False, manual_dir: PathLike | None = None,
                 shape: str = "auto", fields: Mapping[str, str] | None = None, format: str | None = None,
-                json_columns: Sequence[str] = (), on_error: str | None = None) -> ListSource | TfdsSource:
+                json_columns: Sequence[str] = (), on_error: str | None = None,
+                row_format: str = "auto") -> ListSource | TfdsSource:
     """A random-access source from a TFDS directory, ``"tfds:<builder>[/<config>]"`` or local files.
 
     - TFDS directory / name: ``split`` (TFDS split syntax, e.g. "train[:10%]"); for a name,
@@ -166,4 +169,4 @@ def load_source(source: PathLike | Iterable[PathLike], *, split: str = "train",
                                         "dataset_info.json); pass data files or a glob instead")
             return from_tfds_directory(text, split=split)
     return from_files(source, shape=shape, fields=fields, format=format, json_columns=json_columns,
-                      on_error=on_error or "raise")
+                      on_error=on_error or "raise", row_format=row_format)

@@ -19,6 +19,7 @@ import jax
 import ml_collections
 
 from prefjax import roles
+from prefjax.data import records
 from prefjax.losses import registry, types
 from prefjax.models.config import PRESETS
 from prefjax.train import optim
@@ -44,7 +45,9 @@ def trainer_config() -> ConfigDict:
 
     c.model = ConfigDict(dict(
         preset="llama2-tiny",  # a prefjax.models preset name, used when hf_folder is empty
-        hf_folder="",  # a Hugging Face folder (config.json, safetensors, tokenizer) to start from
+        # a Hugging Face checkpoint to start from: a local folder (config.json, safetensors, tokenizer)
+        # or a Hub model id "owner/name" or "owner/name@revision" (downloaded through huggingface_hub)
+        hf_folder="",
         param_dtype="float32", dtype="float32", remat="none", attention_impl=None,
         attention_block_size=0,  # queries per block of the CPU attention paths; 0 = measured default
     ))
@@ -60,9 +63,16 @@ def trainer_config() -> ConfigDict:
         refresh_every=1, alpha=0.5,
     ))
     c.data = ConfigDict(dict(
-        source="synthetic",  # "synthetic", or files / a TFDS dir / "tfds:<builder>" (prefjax.data.load_source)
+        # "synthetic", or files / a TFDS dir / "tfds:<builder>[/<config>]" / a Hub dataset
+        # "hf:<owner>/<name>[@revision][:<config>]" (prefjax.data.load_source)
+        source="synthetic",
         eval_source="",  # held-out data in the same forms ("" = none; "synthetic" for a random one)
-        tokenizer="",  # tokenizer folder when the model is a preset ("" = the model's hf_folder)
+        split="train",  # the training split of a TFDS or Hub source (TFDS split syntax, e.g. "train[:90%]")
+        eval_split="test",  # the split of eval_source when it is a TFDS or Hub source
+        data_dir="",  # where "tfds:<builder>" sources are prepared ("" = TFDS's default, ~/tensorflow_datasets)
+        format="auto",  # the rows' format (prefjax.data.formats); "auto" detects it and prints what it found
+        fields=ConfigDict({name: "" for name in records.FIELD_NAMES}),  # canonical name -> your column ("" = same)
+        tokenizer="",  # tokenizer folder or Hub id when the model is a preset ("" = the model's hf_folder)
         batch_size=8,  # global examples per step (all processes together)
         max_len=64,
         pack=False,  # several sequences per row (segment ids); real data only
@@ -86,7 +96,9 @@ def trainer_config() -> ConfigDict:
     c.sharding_rules = ml_collections.FieldReference(None, field_type=list)  # None: prefjax.sharding.DEFAULT_RULES
     c.distributed = ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1))
     # export_dir: where the Hugging Face export goes ("" = <workdir>/hf_export)
-    c.checkpoint = ConfigDict(dict(every=10, keep=3, async_save=True, export_hf=True, export_dtype="", export_dir=""))
+    # allow_config_change: resume a workdir whose checkpointed config differs from this one
+    c.checkpoint = ConfigDict(dict(every=10, keep=3, async_save=True, export_hf=True, export_dtype="", export_dir="",
+                                   allow_config_change=False))
     c.log_every = 1
     c.eval_every = 0  # 0: evaluate only at the end (when there is eval data)
     c.eval_batches = 4
