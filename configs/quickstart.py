@@ -20,10 +20,12 @@ policy answers 29% ± 2% of prompts correctly and DPO lifts that to 88% ± 3%, a
 2.0 ± 0.3 nats, winning 79% ± 1% of comparisons with the SFT policy; its implicit reward
 ranks 99% of held-out pairs correctly. Best-of-8 sampling from the SFT policy reaches 93%.
 
-Any registered loss runs through the same job (its paper defaults, with beta from here):
+Any registered loss runs through the same job. Switching the loss on the command line starts
+from that loss's paper defaults (a "note:" line says which values were reset), and any of its
+hyperparameters can be set there (prefjax.train.overrides):
     --config.loss_name=ipo --config.loss.beta=0.5
-To get every hyperparameter of a loss as an overridable key, name the loss in the argument:
-    --config=configs/quickstart.py:simpo --config.loss.gamma=0.5
+    --config.loss_name=simpo --config.loss.gamma=0.5
+Naming the loss in the argument does the same inside the file: --config=configs/quickstart.py:simpo
 ":small" shrinks everything (on the sentiment task, which a tiny model learns in a few hundred
 steps) to a run of well under a minute for tests and the notebook; it combines with a loss
 name: --config=configs/quickstart.py:small,kto

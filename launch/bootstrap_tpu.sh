@@ -5,6 +5,8 @@
 #   bash launch/bootstrap_tpu.sh --workdir DIR [--venv DIR] [--bucket gs://B[/PATH]]
 #       [--mount /mnt/prefjax] [--port 8476] [--total_steps N] -- PREFJAX_MAIN_ARGS...
 #
+# Options take their value as the next argument or after = (--workdir=DIR).
+#
 # 1. Environment: a virtual environment at --venv (Python >= 3.11; uv provides one when
 #    the image's python3 is older), with requirements.txt, jax[tpu] and prefjax (editable)
 #    installed when missing or when requirements.txt / pyproject.toml changed.
@@ -25,7 +27,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 workdir="" venv="$HOME/prefjax-venv" bucket="" mount="/mnt/prefjax" port=8476 total_steps=""
+die() { echo "bootstrap_tpu.sh: $*" >&2; exit 2; }
 while [[ $# -gt 0 ]]; do
+  # --name=value is split into --name value, so both spellings work (as with the Python launchers).
+  case "$1" in --?*=*) set -- "${1%%=*}" "${1#*=}" "${@:2}" ;; esac
+  case "$1" in --) ;; --*) [[ $# -ge 2 ]] || die "option $1 needs a value" ;; esac
   case "$1" in
     --workdir) workdir="$2"; shift 2 ;;
     --venv) venv="$2"; shift 2 ;;
@@ -34,10 +40,10 @@ while [[ $# -gt 0 ]]; do
     --port) port="$2"; shift 2 ;;
     --total_steps) total_steps="$2"; shift 2 ;;
     --) shift; break ;;
-    *) echo "bootstrap_tpu.sh: unknown option $1 (prefjax.main arguments go after --)" >&2; exit 2 ;;
+    *) die "unknown option $1 (prefjax.main arguments go after --)" ;;
   esac
 done
-[[ -n "$workdir" ]] || { echo "bootstrap_tpu.sh: --workdir is required" >&2; exit 2; }
+[[ -n "$workdir" ]] || die "--workdir is required"
 log() { echo "[bootstrap $(hostname)] $*"; }
 run() {
   if [[ "${PREFJAX_BOOTSTRAP_DRY_RUN:-0}" == 1 ]]; then printf '%q ' "$@" | sed 's/ $//'; echo; else "$@"; fi

@@ -10,12 +10,15 @@
         --bucket=gs://my-bucket --workdir=dpo-run1 -- --config=configs/tiny_dpo.py --config.total_steps=1000
     python -m launch.tpu_pod delete $P
 
-`run` packs this checkout (the files git tracks or would track), copies it to every
-worker, and starts launch/bootstrap_tpu.sh there through `gcloud compute tpus tpu-vm ssh
---worker=all`: the bootstrap makes the environment if missing, mounts the bucket, sets up
-jax.distributed and runs `python -m prefjax.main ARGS --workdir=...`. By default the run is
-detached (nohup) and logs to ~/prefjax-logs/<workdir name>.log on each worker; `--foreground`
-streams worker output instead and waits for the end.
+`run` packs this checkout (the files git tracks or would track, plus a --config file from
+outside it: launch/bundle.py), copies it to every worker, and starts launch/bootstrap_tpu.sh
+there through `gcloud compute tpus tpu-vm ssh --worker=all`: the bootstrap makes the
+environment if missing, mounts the bucket, sets up jax.distributed and runs `python -m
+prefjax.main ARGS --workdir=...`. By default the run is detached from the ssh session
+(setsid nohup, output to the log file, stdin from /dev/null), so a dropped connection does
+not stop it. Each run logs to its own file on each worker,
+~/prefjax-logs/<workdir>@<UTC start time>.log, created with noclobber so that two runs never
+share one; `--foreground` streams worker output too and waits for the end.
 
 Spot/preemptible pods: the trainer saves a checkpoint on SIGTERM, the VM then goes to the
 PREEMPTED state. `relaunch` recreates the pod when it is missing or not READY and runs
@@ -26,27 +29,40 @@ checkpoint. Every command takes `--dry_run`, which prints the exact commands ins
 from __future__ import annotations
 
 import argparse
+import datetime
 import re
 import shlex
 import subprocess
 import sys
-import tarfile
 from collections.abc import Sequence
-from pathlib import Path
 
+from launch import bundle
 from launch import main_args as main_args_lib
 from launch.shell import Command, Executor
 
-REPO = Path(__file__).resolve().parent.parent
 REMOTE_CODE = "~/prefjax"  # the checkout on each worker (replaced by every `run`)
 REMOTE_LOGS = "~/prefjax-logs"
 DEFAULT_VENV = "~/prefjax-venv"
-_EXCLUDED_PARTS = {".git", "__pycache__", ".venv", ".ci-venv", ".pytest_cache", ".hypothesis", "workdirs"}
 
 
 def _label(workdir: str) -> str:
-    """A log-file name for a workdir: its last component, shell-safe."""
-    return re.sub(r"[^A-Za-z0-9._=-]", "_", workdir.rstrip("/").rsplit("/", 1)[-1]) or "run"
+    """The workdir as a shell-safe file-name stem: its path with every other character made _.
+
+    "@" is never in it: it separates the label from the start time in a log name.
+    """
+    return re.sub(r"[^A-Za-z0-9._=-]", "_", workdir.strip("/")).strip("_") or "run"
+
+
+def log_file(workdir: str, started: datetime.datetime) -> str:
+    """A run's log on each worker: ~/prefjax-logs/<workdir label>@<UTC start, to the second>.log."""
+    stamp = started.astimezone(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    return f"{REMOTE_LOGS}/{_label(workdir)}@{stamp}.log"
+
+
+def _newest_log(pattern: str) -> str:
+    """Remote shell: the newest log matching `pattern` into $log, or a message and exit 1."""
+    return (f'log="$(ls -t {pattern} 2>/dev/null | head -n 1)"; '
+            f'[ -n "$log" ] || {{ echo "no log matches {pattern}"; exit 1; }}; ')
 
 
 class TpuPod:
@@ -85,57 +101,53 @@ class TpuPod:
 
     def run(self, main_args: Sequence[str], *, workdir: str, tarball: str, bucket: str = "",
             mount: str = "/mnt/prefjax", venv: str = DEFAULT_VENV, port: int = 8476,
-            total_steps: int | None = None, foreground: bool = False) -> list[Command]:
-        """Pack the checkout, copy it to every worker, start the bootstrap on every worker."""
+            total_steps: int | None = None, foreground: bool = False,
+            started: datetime.datetime | None = None) -> list[Command]:
+        """Pack the checkout, copy it to every worker, start the bootstrap on every worker.
+
+        A --config file outside the checkout is packed too (launch/bundle.py). `started`
+        (default: now) names the log file.
+        """
         if not workdir:
             raise ValueError("run needs --workdir (relative: under the bucket's runs/, or ~/prefjax-data/runs/)")
         if bucket and not bucket.startswith("gs://"):
             raise ValueError(f"--bucket={bucket!r} must start with gs://")
+        main_args, extra = bundle.ship_config(main_args)
         boot = ["bash", "launch/bootstrap_tpu.sh", "--workdir", workdir, "--venv", venv, "--port", str(port)]
         boot += ["--bucket", bucket, "--mount", mount] if bucket else []
         boot += ["--total_steps", str(total_steps)] if total_steps is not None else []
         # ~ must stay unquoted for the remote shell to expand it.
         boot_line = " ".join(a if a.startswith("~/") else shlex.quote(a) for a in boot)
         boot_line += " -- " + shlex.join(main_args)
-        log = f"{REMOTE_LOGS}/{_label(workdir)}.log"
+        log = log_file(workdir, started or datetime.datetime.now(datetime.UTC))
+        # The log is created first with noclobber: if another run already wrote this name, the
+        # ssh command fails ("cannot overwrite existing file") instead of mixing two runs' output.
+        claim = f"(set -C; : > {log})"
         if foreground:
-            start = f"{{ set -o pipefail; {boot_line} 2>&1 | tee {log}; }}"
-        else:  # detached: survives the ssh session; `logs` reads the file
-            start = f"(setsid nohup {boot_line} > {log} 2>&1 < /dev/null &)"
+            start = f"{{ set -o pipefail; {boot_line} 2>&1 | tee -a {log}; }}"
+        else:
+            # Detached from the ssh session: its own session (setsid, so no SIGHUP from sshd),
+            # nohup, output only to the log and no stdin, in a backgrounded subshell so that
+            # ssh returns at once. `logs` reads the file.
+            start = f"(setsid nohup {boot_line} >> {log} 2>&1 < /dev/null &)"
         remote = (f"rm -rf {REMOTE_CODE} && mkdir -p {REMOTE_CODE} {REMOTE_LOGS} && "
-                  f"tar -xzf ~/prefjax.tar.gz -C {REMOTE_CODE} && cd {REMOTE_CODE} && {start}")
-        return [Command([sys.executable, "-m", "launch.tpu_pod", "pack", f"--out={tarball}"]),
+                  f"tar -xzf ~/prefjax.tar.gz -C {REMOTE_CODE} && cd {REMOTE_CODE} && {claim} && {start}")
+        add = [arg for name, local in sorted(extra.items()) for arg in ("--add", local, name)]
+        return [Command([sys.executable, "-m", "launch.tpu_pod", "pack", f"--out={tarball}", *add]),
                 self.scp_to_all(tarball, "~/prefjax.tar.gz"),
                 self.ssh(remote)]
 
     def status(self) -> Command:
+        """The prefjax processes on each worker, and the last line of the newest log."""
         return self.ssh("pgrep -af prefjax.main || echo 'no prefjax.main process'; "
-                        f"tail -qn 1 {REMOTE_LOGS}/*.log 2>/dev/null || true")
+                        f'log="$(ls -t {REMOTE_LOGS}/*.log 2>/dev/null | head -n 1)"; '
+                        '[ -z "$log" ] || { echo "$log:"; tail -n 1 "$log"; }')
 
     def logs(self, worker: str = "0", lines: int = 100, follow: bool = False, workdir: str = "") -> Command:
-        files = f"{REMOTE_LOGS}/{_label(workdir)}.log" if workdir else f"{REMOTE_LOGS}/*.log"
-        return self.ssh(f"tail -n {lines}{' -f' if follow else ''} {files}", worker=worker)
-
-
-def checkout_files(repo: Path = REPO) -> list[str]:
-    """Relative paths to ship: what git tracks or would track (else every file but caches)."""
-    try:
-        listed = subprocess.run(["git", "-C", str(repo), "ls-files", "-z", "--cached", "--others",
-                                 "--exclude-standard"], check=True, capture_output=True).stdout
-        names = [n for n in listed.decode().split("\0") if n]
-    except (OSError, subprocess.CalledProcessError):
-        names = [str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file()]
-    # A file deleted but still tracked is listed by git: ship what exists.
-    return sorted(n for n in names if (repo / n).is_file() and not _EXCLUDED_PARTS & set(Path(n).parts))
-
-
-def pack(out: str, repo: Path = REPO) -> int:
-    """Writes the checkout to a .tar.gz; returns the number of files."""
-    files = checkout_files(repo)
-    with tarfile.open(out, "w:gz") as tar:
-        for name in files:
-            tar.add(repo / name, arcname=name, recursive=False)
-    return len(files)
+        """Tail the newest log on a worker: of that workdir's runs, or of any run."""
+        pattern = f"{REMOTE_LOGS}/{_label(workdir)}@*.log" if workdir else f"{REMOTE_LOGS}/*.log"
+        return self.ssh(_newest_log(pattern) + f'echo "== $log"; tail -n {lines}{" -f" if follow else ""} "$log"',
+                        worker=worker)
 
 
 def _pod_state(pod: TpuPod, executor: Executor) -> str | None:
@@ -203,6 +215,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("delete", parents=[pod], help="delete the TPU VM")
     packer = sub.add_parser("pack", help="write this checkout to a .tar.gz (used by run)")
     packer.add_argument("--out", required=True)
+    packer.add_argument("--add", nargs=2, action="append", default=[], metavar=("LOCAL", "NAME"),
+                        help="also pack the file LOCAL as NAME (a config from outside the checkout)")
     return parser
 
 
@@ -210,7 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.action == "pack":
-        print(f"packed {pack(args.out)} files into {args.out}")
+        extra = {name: local for local, name in args.add}
+        print(f"packed {bundle.pack(args.out, extra=extra)} files into {args.out}")
         return 0
     executor = Executor(dry_run=args.dry_run)
     try:
@@ -229,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 executor.run(command)
             if not args.foreground and not args.dry_run:
                 print(f"started; follow with: python -m launch.tpu_pod logs --name={args.name} "
-                      f"--zone={args.zone} --follow")
+                      f"--zone={args.zone} --workdir={shlex.quote(args.workdir)} --follow")
         elif args.action == "relaunch":
             relaunch(pod, executor, pod.create(args.accelerator_type, args.version, args.spot, args.preemptible), run)
         elif args.action == "status":

@@ -8,12 +8,19 @@ The quick-start config (job="quickstart") runs the synthetic LM pipeline
 (`prefjax.quickstart.pipeline`); any other job is an error naming these two.
 Override any config key on the command line, e.g.
 
-    python -m prefjax.main --config=configs/quickstart.py --workdir=/tmp/q \\
-        --config.loss_name=ipo --config.loss.beta=0.5
+    python -m prefjax.main --config=configs/tiny_dpo.py --workdir=/tmp/t \\
+        --config.loss_name=ipo --config.loss.beta=0.5 --config.data.max_prompt_len=None
 
-The config is locked: a key that does not exist is an error that lists the valid keys
-(ml_collections itself raises a bare AttributeError), and a config the job cannot run
-(unknown loss, a hyperparameter the loss lacks) is an error naming what is wrong.
+The config is strict: a key that does not exist, in the config file (train job: any key
+trainer_config() lacks) or on the command line, is an error with a did-you-mean;
+configs/README.md lists every trainer key. `--config.KEY=None` sets a key that allows None;
+`--config.loss.NAME=VALUE` sets any hyperparameter of the chosen loss; switching the loss
+(`--config.loss_name=simpo` on a file written for DPO) resets config.loss to the new loss's
+paper defaults and the reference to what it needs (the rule: prefjax.train.overrides).
+
+A user's mistake (config, data, checkpoint, tokenizer, a missing file, a loss that turned
+non-finite) ends the run with one or two lines on stderr naming what is wrong and exit
+status 1; `--verbose` adds the traceback. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ import logging
 import os
 import re
 import sys
-from typing import Optional, Sequence
+import traceback
+from typing import NoReturn, Optional, Sequence
 
 import jax
 import ml_collections
@@ -38,6 +46,36 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics.jsonl and summary.json.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "On a user error (config, data, files) also print the traceback.")
+
+# The command line as split by prefjax.train.overrides in _parse_flags (main applies the rest).
+_command_line = None
+
+
+def _user_errors() -> tuple[type, ...]:
+    """The exceptions that are the user's to fix: shown as their message alone (module docstring)."""
+    # pylint: disable=import-outside-toplevel
+    from prefjax.data.hub import HubDatasetError
+    from prefjax.data.pipeline import PipelineEmptyError
+    from prefjax.data.records import DataError
+    from prefjax.data.streams import DataKindError
+    from prefjax.hub_download import HubError
+    from prefjax.models.hf_checkpoint import CheckpointError
+    from prefjax.models.hf_config import HFConfigError
+    from prefjax.models.safetensors_format import SafetensorsError
+    from prefjax.models.tokenizer import TokenizerError
+    from prefjax.train.config_lib import ConfigError
+    from prefjax.train.loop import NonFiniteLossError
+    return (ConfigError, DataError, CheckpointError, HFConfigError, SafetensorsError, TokenizerError,
+            HubError, HubDatasetError, DataKindError, PipelineEmptyError, FileNotFoundError, NonFiniteLossError)
+
+
+def _exit_with(message: str, verbose: bool) -> NoReturn:
+    """The one way a user's mistake ends the program: 'error: ...' on stderr, exit status 1."""
+    if verbose:
+        traceback.print_exc()
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
 
 
 def _config_argument(argv: Sequence[str]) -> Optional[str]:
@@ -58,30 +96,13 @@ def _load_config(argument: str) -> ml_collections.ConfigDict:
     return module.get_config(arg) if arg else module.get_config()
 
 
-def _leaf_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
-    keys = []
-    for key, value in config.items():
-        if isinstance(value, ml_collections.ConfigDict):
-            keys += _leaf_keys(value, f"{prefix}{key}.")
-        else:
-            keys.append(prefix + key)
-    return keys
-
-
-def _has_key(config: ml_collections.ConfigDict, path: str) -> bool:
-    node = config
-    for part in path.split("."):
-        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-            return False
-        node = node[part]
-    return True
-
-
 def _unknown_keys_message(argv: Sequence[str]) -> Optional[str]:
-    """Explains overrides of keys the locked config lacks, listing the valid keys.
+    """Names the overrides of keys the config lacks, each with a did-you-mean.
 
     None when the parse error was something else (the caller re-raises it).
     """
+    from prefjax.train import config_lib  # pylint: disable=import-outside-toplevel
+
     argument = _config_argument(argv)
     if argument is None:
         return None
@@ -92,32 +113,59 @@ def _unknown_keys_message(argv: Sequence[str]) -> Optional[str]:
     except Exception:  # noqa: BLE001 -- the caller re-raises the original error instead
         return None
     overrides = [re.match(r"^--?(?:no)?config\.([^=\s]+)", a) for a in argv]
-    bad = [m.group(1) for m in overrides if m and not _has_key(config, m.group(1))]
+    valid = list(config_lib.leaf_paths(config))
+    bad = [m.group(1) for m in overrides if m and m.group(1) not in valid and not _is_section(config, m.group(1))]
     if not bad:
         return None
-    message = (
-        f"unknown config key(s) {bad} for --config={argument}; "
-        f"valid keys are: {', '.join(_leaf_keys(config))}"
-    )
-    if any(key.startswith("loss.") for key in bad):
-        message += (
-            ". config.loss holds only the hyperparameters the config file put there; to get "
-            "every hyperparameter of a loss as a key, name it in the config argument, "
-            "e.g. --config=configs/quickstart.py:simpo"
-        )
+    message = config_lib.unknown_keys_message(bad, valid, "command line")
+    if config.get("job") != "train":  # configs/README.md lists the trainer's keys only
+        message = message.split("\n")[0] + f"\nthe keys are those {argument.partition(':')[0]} sets"
     return message
 
 
+def _is_section(config: ml_collections.ConfigDict, path: str) -> bool:
+    node = config
+    for part in path.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            return False
+        node = node[part]
+    return isinstance(node, ml_collections.ConfigDict)
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with ml_collections' bare AttributeError made a clear error."""
+    """absl's flag parsing, after prefjax.train.overrides took out what config_flags cannot parse;
+    a mistake on the command line ends the program in one or two lines."""
+    global _command_line  # pylint: disable=global-statement
+    from prefjax.train import config_lib, overrides  # pylint: disable=import-outside-toplevel
+
+    verbose = any(re.match(r"^--?verbose(=(true|1))?$", a, re.I) for a in argv)
     try:
-        return app.parse_flags_with_usage(argv)
-    except (AttributeError, KeyError):
-        message = _unknown_keys_message(argv)
+        _command_line = overrides.split_argv(argv)
+    except config_lib.ConfigError as e:
+        _exit_with(str(e), verbose)
+    argument = _config_argument(argv)
+    if argument and not os.path.isfile(argument.partition(":")[0]):
+        _exit_with(f"--config={argument}: no such config file", verbose)
+    # config_flags reads its overrides from sys.argv itself: it must see the split command line.
+    sys.argv[:] = _command_line.argv
+    try:
+        return flags.FLAGS(_command_line.argv)
+    except (AttributeError, KeyError):  # ml_collections' bare error for a key the config lacks
+        message = _unknown_keys_message(_command_line.argv)
         if message is None:
             raise
-        print(f"FATAL Flags parsing error: {message}", file=sys.stderr)
-        sys.exit(1)
+        _exit_with(message, verbose)
+    except flags.Error as e:  # absl's: a value of the wrong type, or the config file raised
+        _exit_with(_flag_error_message(str(e), verbose), verbose)
+
+
+def _flag_error_message(text: str, verbose: bool) -> str:
+    """absl's message, less the config file's traceback that config_flags pastes into it (shown with
+    --verbose): its last line names the exception."""
+    if "Error whilst parsing config file" not in text or verbose:
+        return text
+    head = text.split(":", 2)[:2]
+    return f"{':'.join(head)}: {text.strip().splitlines()[-1]}"
 
 
 def main(argv: Sequence[str]) -> None:
@@ -125,31 +173,48 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
     if _CONFIG.value is None or _WORKDIR.value is None:
         raise app.UsageError("pass --config=configs/quickstart.py and --workdir=DIR")
+    try:
+        _run(_CONFIG.value, config_flags.get_config_filename(flags.FLAGS["config"]))
+    except Exception as e:  # pylint: disable=broad-except
+        if not isinstance(e, _user_errors()):
+            raise
+        _exit_with(str(e), _VERBOSE.value)
+
+
+def _run(config: ml_collections.ConfigDict, source: str) -> None:
+    """Checks the config (keys, command-line extras) and runs its job."""
     # On a CPU-only machine jax logs its failed TPU probe at INFO, which absl would print.
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
-    config = _CONFIG.value
+    from prefjax.train import config_lib, overrides  # pylint: disable=import-outside-toplevel
+
     job = config.get("job", None)
     if job not in JOBS:
-        source = config_flags.get_config_filename(flags.FLAGS["config"])
-        sys.exit(f"error: {source}: field job={job!r}; set config.job to one of {list(JOBS)} "
-                 "(prefjax.train.config_lib.trainer_config() starts a training config)")
+        raise config_lib.ConfigError(f"{source}: field job={job!r}; set config.job to one of {list(JOBS)} "
+                                     "(prefjax.train.config_lib.trainer_config() starts a training config)")
     if job == "train":
+        config_lib.check_keys(config, source=source)
+    command_line = _command_line or overrides.CommandLine(argv=[])
+    notes = overrides.apply(config, command_line, overridden=config_flags.get_override_values(flags.FLAGS["config"]),
+                            nullable=config_lib.nullable_keys() if job == "train" else None)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    if job == "train":
+        config_lib.check_data_files(config)  # before the model is built: a typo in a path fails fast
         if not flags.FLAGS["verbosity"].present:
             # orbax logs every file it renames at INFO; the trainer's own progress line suffices.
             absl_logging.set_verbosity(absl_logging.WARNING)
         _init_distributed(config)
         from prefjax import train  # pylint: disable=import-outside-toplevel
-        from prefjax.train import config_lib  # pylint: disable=import-outside-toplevel
-        try:
-            train.run(config, _WORKDIR.value)
-        except (config_lib.ConfigError, train.NonFiniteLossError) as e:
-            sys.exit(f"error: {e}")
+
+        train.run(config, _WORKDIR.value)
         return
     from prefjax.quickstart import pipeline  # pylint: disable=import-outside-toplevel
     try:
         pipeline.run(config, _WORKDIR.value)
-    except (ValueError, KeyError) as e:
-        sys.exit(f"error: {e}")
+    except (ValueError, KeyError) as e:  # the quick start's own checks (task, reuse, loss data kind)
+        if isinstance(e, KeyError):
+            raise config_lib.ConfigError(e.args[0] if e.args else str(e)) from e
+        raise config_lib.ConfigError(str(e)) from e
 
 
 def _init_distributed(config: ml_collections.ConfigDict) -> None:

@@ -1,12 +1,18 @@
 """Launchers: exact dry-run commands for TPU pods and SLURM, the TPU bootstrap and the sbatch
-script executed against fake cluster tools, and a real two-process run on one machine."""
+script executed against fake cluster tools, the remote start command executed (detached from
+the session, one log per run), config files from outside the checkout, launch/README.md's
+examples in dry-run mode, and a real two-process run on one machine."""
 
 from __future__ import annotations
 
+import datetime
 import hashlib
+import importlib
 import json
 import os
+import re
 import shlex
+import signal
 import subprocess
 import sys
 import tarfile
@@ -15,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from launch import local, slurm, tpu_pod, tpu_worker
+from launch import bundle, local, slurm, tpu_pod, tpu_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 POD = ["--name=pod1", "--zone=us-central2-b", "--project=proj", "--dry_run"]
@@ -45,7 +51,10 @@ def test_tpu_create_delete_status_logs_print_the_gcloud_commands(capsys):
     assert status[0] == [*GCLOUD, "describe", "pod1", "--format=value(state)", *WHERE]
     assert status[1][:7] == [*GCLOUD, "ssh", "pod1", "--worker=all"] and "pgrep -af prefjax.main" in status[1][7]
     logs = _dry_run(capsys, tpu_pod, ["logs", *POD, "--follow", "--worker=3", "--workdir=runs/a"])
-    assert logs == [[*GCLOUD, "ssh", "pod1", "--worker=3", "--command=tail -n 100 -f ~/prefjax-logs/a.log", *WHERE]]
+    assert logs[0][:7] == [*GCLOUD, "ssh", "pod1", "--worker=3"] and logs[0][8:] == WHERE
+    # The newest of that workdir's logs (one per run), followed.
+    assert logs[0][7].startswith('--command=log="$(ls -t ~/prefjax-logs/runs_a@*.log 2>/dev/null | head -n 1)"')
+    assert logs[0][7].endswith('tail -n 100 -f "$log"')
 
 
 def test_tpu_run_ships_the_checkout_and_starts_the_bootstrap_on_every_worker(capsys):
@@ -58,13 +67,15 @@ def test_tpu_run_ships_the_checkout_and_starts_the_bootstrap_on_every_worker(cap
     assert ssh[:7] == [*GCLOUD, "ssh", "pod1", "--worker=all"] and ssh[8:] == WHERE
     remote = ssh[7].removeprefix("--command=")
     # The remote shell unpacks, then starts the bootstrap detached, logging per run.
+    log = re.search(r"~/prefjax-logs/dpo1@\d{8}T\d{6}Z\.log", remote).group(0)
     assert remote.startswith("rm -rf ~/prefjax && mkdir -p ~/prefjax ~/prefjax-logs && "
-                             "tar -xzf ~/prefjax.tar.gz -C ~/prefjax && cd ~/prefjax && (setsid nohup bash ")
-    boot = shlex.split(remote.split("(setsid nohup ", 1)[1].split(" > ", 1)[0])
+                             "tar -xzf ~/prefjax.tar.gz -C ~/prefjax && cd ~/prefjax && "
+                             f"(set -C; : > {log}) && (setsid nohup bash ")
+    boot = shlex.split(remote.split("(setsid nohup ", 1)[1].split(" >> ", 1)[0])
     assert boot == ["bash", "launch/bootstrap_tpu.sh", "--workdir", "dpo1", "--venv", "~/prefjax-venv", "--port",
                     "8476", "--bucket", "gs://bkt/exp", "--mount", "/mnt/prefjax", "--total_steps", "100", "--",
                     *main_args]
-    assert remote.endswith("> ~/prefjax-logs/dpo1.log 2>&1 < /dev/null &)")
+    assert remote.endswith(f">> {log} 2>&1 < /dev/null &)")
 
 
 def test_tpu_relaunch_recreates_then_runs_in_order(capsys):
@@ -74,7 +85,7 @@ def test_tpu_relaunch_recreates_then_runs_in_order(capsys):
     assert verbs == ["describe", "delete", "create", "pack", "scp", "ssh"]
     remote = commands[-1][7]
     assert "{ set -o pipefail; bash launch/bootstrap_tpu.sh --workdir /abs/run" in remote
-    assert remote.endswith("2>&1 | tee ~/prefjax-logs/run.log; }")
+    assert re.search(r"2>&1 \| tee -a ~/prefjax-logs/abs_run@\d{8}T\d{6}Z\.log; }$", remote)
 
 
 FAKE_GCLOUD = """#!/bin/bash
@@ -125,12 +136,135 @@ def test_tpu_bad_arguments_are_refused(argv, message, capsys):
 
 def test_pack_ships_the_checkout_without_caches(tmp_path):
     out = tmp_path / "code.tar.gz"
-    count = tpu_pod.pack(str(out))
+    count = bundle.pack(str(out))
     with tarfile.open(out) as tar:
         names = set(tar.getnames())
     assert len(names) == count
     assert {"launch/bootstrap_tpu.sh", "prefjax/main.py", "requirements.txt", "pyproject.toml"} <= names
     assert not any(part in (".git", "__pycache__") for n in names for part in Path(n).parts)
+
+
+# ------------------------------------------------------ config files, log files, detached runs
+
+def test_a_config_from_outside_the_checkout_is_packed_and_its_argument_rewritten(tmp_path, capsys):
+    config = tmp_path / "my experiment.py"
+    config.write_text('"""An experiment kept outside the repository."""\n')
+    pack, _, ssh = _dry_run(capsys, tpu_pod, ["run", *POD, "--workdir=w", f"--tarball={tmp_path / 'code.tar.gz'}",
+                                              "--", f"--config={config}:ipo", "--config.total_steps=3"])
+    assert pack[-3:] == ["--add", str(config), "_shipped/my experiment.py"]
+    boot = shlex.split(ssh[7].split("(setsid nohup ", 1)[1].split(" >> ", 1)[0])
+    assert boot[-3:] == ["--", "--config=_shipped/my experiment.py:ipo", "--config.total_steps=3"]
+    # The printed pack command, run, puts the file where the rewritten argument points.
+    assert tpu_pod.main(pack[3:]) == 0
+    with tarfile.open(tmp_path / "code.tar.gz") as tar:
+        assert tar.extractfile("_shipped/my experiment.py").read() == config.read_bytes()
+        assert "launch/bootstrap_tpu.sh" in tar.getnames()
+
+
+def test_ship_config_keeps_checkout_paths_and_packs_the_rest(tmp_path, monkeypatch):
+    repo = tmp_path / "repo"
+    (repo / "configs").mkdir(parents=True)
+    for name in ("tracked.py", "ignored.py"):
+        (repo / "configs" / name).write_text("")
+    shipped = ["configs/tracked.py"]  # what git lists: ignored.py is not in the bundle
+    assert bundle.ship_config(["--config=configs/tracked.py", "--config.x=1"], repo, cwd=repo, shipped=shipped) == (
+        ["--config=configs/tracked.py", "--config.x=1"], {})
+    # An absolute path into the checkout becomes relative (the workers' checkout is elsewhere),
+    # and so does a relative path given from another directory; --config FILE works too.
+    assert bundle.ship_config(["--config", str(repo / "configs/tracked.py:dpo")], repo, cwd=tmp_path,
+                              shipped=shipped)[0] == ["--config", "configs/tracked.py:dpo"]
+    assert bundle.ship_config(["--config=repo/configs/tracked.py"], repo, cwd=tmp_path,
+                              shipped=shipped)[0] == ["--config=configs/tracked.py"]
+    monkeypatch.chdir(tmp_path)  # a path relative to the repository, typed elsewhere, still works
+    assert bundle.ship_config(["--config=configs/tracked.py"], repo, shipped=shipped)[0] == [
+        "--config=configs/tracked.py"]
+    assert bundle.ship_config(["--config=configs/ignored.py"], repo, cwd=repo, shipped=shipped) == (
+        ["--config=_shipped/ignored.py"], {"_shipped/ignored.py": str((repo / "configs/ignored.py").resolve())})
+    assert bundle.ship_config(["--config.total_steps=3"], repo, shipped=shipped) == (["--config.total_steps=3"], {})
+
+
+def test_a_config_that_does_not_exist_is_refused_before_anything_is_copied(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        tpu_pod.main(["run", *POD, "--workdir=w", "--", f"--config={tmp_path / 'nope.py'}:ipo"])
+    err = capsys.readouterr().err
+    assert f"--config={tmp_path / 'nope.py'}:ipo: no such file {tmp_path / 'nope.py'}" in err
+    assert "gcloud" not in err
+
+
+def test_log_files_are_per_run_never_shared():
+    pod = tpu_pod.TpuPod("pod1", "z")
+    when = datetime.datetime(2026, 5, 1, 12, 0, 0, tzinfo=datetime.UTC)
+
+    def log(workdir, started):
+        remote = pod.run(["--config=configs/tiny_dpo.py"], workdir=workdir, tarball="t", started=started)[-1].argv[7]
+        return re.search(r"~/prefjax-logs/\S+\.log", remote).group(0)
+
+    assert log("exp/run1", when) == "~/prefjax-logs/exp_run1@20260501T120000Z.log"
+    # Same basename in other folders, or the same workdir rerun (a resume) later: other files.
+    names = {log("exp/run1", when), log("other/run1", when), log("/abs/exp/run1", when),
+             log("exp/run1", when + datetime.timedelta(seconds=1))}
+    assert len(names) == 4
+
+
+def _fake_bundle(home: Path, bootstrap: str) -> None:
+    """~/prefjax.tar.gz as `scp` leaves it on a worker, with `bootstrap` as launch/bootstrap_tpu.sh."""
+    script = home / "src" / "launch" / "bootstrap_tpu.sh"
+    script.parent.mkdir(parents=True)
+    script.write_text(bootstrap)
+    with tarfile.open(home / "prefjax.tar.gz", "w:gz") as tar:
+        tar.add(script, arcname="launch/bootstrap_tpu.sh")
+
+
+def _remote_start(workdir: str, started: datetime.datetime) -> str:
+    """The command `run` hands to ssh, for a detached run."""
+    return tpu_pod.TpuPod("pod1", "z").run(["--config=configs/tiny_dpo.py"], workdir=workdir, tarball="t",
+                                           started=started)[-1].argv[7].removeprefix("--command=")
+
+
+def test_a_detached_run_outlives_its_ssh_session(tmp_path):
+    # The remote command runs as sshd would run it: a shell in its own session, stdout and
+    # stderr on pipes. The session is then hung up and the pipes closed, as a dropped
+    # connection does; the run must go on, in another session, writing only to its log.
+    home = tmp_path / "home"
+    _fake_bundle(home, 'sleep 1; echo "session $(ps -o sid= -p $$)"; echo "args $*"; sleep 1; echo finished\n')
+    started = datetime.datetime(2026, 5, 1, 12, 0, 0, tzinfo=datetime.UTC)
+    shell = subprocess.Popen(["bash", "-c", _remote_start("exp/run1", started)], env=dict(os.environ, HOME=str(home)),
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             start_new_session=True)
+    assert shell.wait(timeout=30) == 0  # ssh returns at once: the run is in the background
+    try:
+        os.killpg(shell.pid, signal.SIGHUP)
+    except ProcessLookupError:
+        pass
+    for pipe in (shell.stdin, shell.stdout, shell.stderr):
+        pipe.close()
+    log = home / "prefjax-logs" / "exp_run1@20260501T120000Z.log"
+    deadline = time.monotonic() + 30
+    while "finished" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    lines = log.read_text().splitlines()
+    assert lines[-1] == "finished", lines
+    assert int(lines[0].split()[1]) != shell.pid  # setsid: not the ssh shell's session
+    assert lines[1] == "args --workdir exp/run1 --venv " + str(home / "prefjax-venv") + \
+        " --port 8476 -- --config=configs/tiny_dpo.py"
+
+
+def test_a_second_run_with_the_same_log_name_is_refused(tmp_path):
+    home = tmp_path / "home"
+    _fake_bundle(home, "echo first run\n")
+    env = dict(os.environ, HOME=str(home))
+    started = datetime.datetime(2026, 5, 1, 12, 0, 0, tzinfo=datetime.UTC)
+    first = subprocess.run(["bash", "-c", _remote_start("r", started)], env=env, capture_output=True, text=True,
+                           timeout=30, check=False)
+    assert first.returncode == 0, first.stderr
+    log = home / "prefjax-logs" / "r@20260501T120000Z.log"
+    deadline = time.monotonic() + 30
+    while not log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    second = subprocess.run(["bash", "-c", _remote_start("r", started)], env=env, capture_output=True, text=True,
+                            timeout=30, check=False)
+    assert second.returncode != 0 and "cannot overwrite existing file" in second.stderr
+    assert log.read_text() == "first run\n"  # the first run's log is untouched
 
 
 @pytest.mark.parametrize("endpoints", ["10.0.0.1,10.0.0.2,10.0.0.3", "w-0:0:10.0.0.1,w-1:1:10.0.0.2,w-2:2:10.0.0.3"])
@@ -196,6 +330,81 @@ def test_bootstrap_with_a_ready_venv_mounts_the_bucket_and_skips_finished_runs(t
     assert "already finished 7 steps; skipping" in lines[-1]
     lines, _ = _bootstrap(tmp_path / "more", "--workdir", str(finished), "--total_steps", "8", "--", "--config=c.py")
     assert lines[-1].startswith("exec ")
+
+
+def test_bootstrap_options_take_name_equals_value_too(tmp_path):
+    lines, venv = _bootstrap(tmp_path, "--workdir=exp/r", f"--mount={tmp_path / 'm'}", "--port=7777",
+                             "--", "--config=c.py", "--workdir=not/an/option")
+    data = tmp_path / "home" / "prefjax-data"
+    # After --, everything is prefjax.main's (even a --name=value the bootstrap also knows).
+    assert shlex.split(lines[-1]) == ["exec", f"{venv}/bin/python", "-m", "prefjax.main", "--config=c.py",
+                                      "--workdir=not/an/option", f"--workdir={data}/runs/exp/r",
+                                      "--config.distributed.coordinator_address=10.1.0.1:7777",
+                                      "--config.distributed.num_processes=2", "--config.distributed.process_id=1"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--workdir"], "bootstrap_tpu.sh: option --workdir needs a value"),
+    (["--workdir=r", "--bogus=1", "--", "--config=c.py"],
+     "bootstrap_tpu.sh: unknown option --bogus (prefjax.main arguments go after --)"),
+    (["--", "--config=c.py"], "bootstrap_tpu.sh: --workdir is required"),
+])
+def test_bootstrap_refuses_bad_options_in_one_line(tmp_path, args, message):
+    done = subprocess.run(["bash", str(ROOT / "launch" / "bootstrap_tpu.sh"), *args], capture_output=True, text=True,
+                          timeout=30, check=False, env=dict(os.environ, HOME=str(tmp_path)))
+    assert done.returncode == 2 and done.stderr == message + "\n"
+
+
+# --------------------------------------------------------------------------- launch/README.md
+
+LAUNCH_README = (ROOT / "launch" / "README.md").read_text()
+
+
+def test_the_readme_bootstrap_dry_run_works_as_written(tmp_path):
+    example = re.search(r"`(PREFJAX_BOOTSTRAP_DRY_RUN=1 [^`]*bash launch/bootstrap_tpu.sh [^`]*)`",
+                        LAUNCH_README).group(1)
+    done = subprocess.run(["bash", "-c", example.replace("\n", " ")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, check=False, env=dict(os.environ, HOME=str(tmp_path)))
+    assert done.returncode == 0, done.stderr
+    last = shlex.split(done.stdout.splitlines()[-1])
+    assert last[:4] == ["exec", f"{tmp_path}/prefjax-venv/bin/python", "-m", "prefjax.main"]
+    assert f"--workdir={tmp_path}/prefjax-data/runs/r" in last
+    assert "--config.distributed.coordinator_address=10.0.0.1:8476" in last
+
+
+def _readme_launcher_commands() -> list[list[str]]:
+    """Every `python -m launch.X ...` line of launch/README.md's bash blocks, as argv, with $P expanded."""
+    commands, variables = [], {}  # a variable set in one block is used in later ones, as in one shell
+    for block in re.findall(r"```bash\n(.*?)```", LAUNCH_README, re.DOTALL):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if len(words) == 1 and re.fullmatch(r"\w+=.*", words[0]):
+                name, _, value = words[0].partition("=")
+                variables[name] = value
+            elif words[:2] == ["python", "-m"] and words[2].startswith("launch.") and "..." not in words:
+                expanded = [w for word in words for w in
+                            (variables[word[1:]].split() if word.startswith("$") else [word])]
+                commands.append(expanded[2:])
+    return commands
+
+
+def test_the_readme_launcher_examples_run_in_dry_run_mode(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the README runs the launchers from the repository root
+    commands = _readme_launcher_commands()
+    ran = set()
+    for module_name, *argv in commands:
+        if module_name == "launch.collect":  # reads finished runs; it has no dry run
+            continue
+        position = 1 if module_name == "launch.tpu_pod" else 0  # after tpu_pod's action
+        argv.insert(position, "--dry_run")
+        module = importlib.import_module(module_name)
+        assert module.main(argv) == 0, (module_name, argv)
+        printed = capsys.readouterr().out
+        assert printed.strip(), (module_name, argv)
+        ran.add(module_name if module_name != "launch.tpu_pod" else f"{module_name} {argv[0]}")
+    assert {"launch.local", "launch.slurm", "launch.sweep", "launch.tpu_pod create", "launch.tpu_pod run",
+            "launch.tpu_pod logs", "launch.tpu_pod status", "launch.tpu_pod delete",
+            "launch.tpu_pod relaunch"} <= ran
 
 
 # --------------------------------------------------------------------------- SLURM

@@ -9,6 +9,7 @@ fraction of preferences; ``synthetic_batches`` and ``synthetic_logps`` make rand
 random loss inputs for tests, benchmarks and smoke runs.
 """
 
+from prefjax.data.formats import FORMATS, check_format, detect_row_format, iter_parse, parse_as
 from prefjax.data.pipeline import DataConfig, Pipeline, PipelineConfig
 from prefjax.data.readers import detect_format, expand_paths, read_examples, read_rows
 from prefjax.data.records import (
@@ -16,8 +17,6 @@ from prefjax.data.records import (
                                   DataError,
                                   LoadSummary,
                                   Location,
-                                  detect_shape,
-                                  iter_parse,
                                   parse_label,
                                   parse_row,
 )
@@ -31,8 +30,8 @@ from prefjax.data.sources import (
 )
 
 __all__ = [
-    "KINDS", "DataConfig", "DataError", "ListSource", "LoadSummary", "Location", "Pipeline", "PipelineConfig",
-    "TfdsSource", "detect_format", "detect_shape", "expand_paths", "from_files", "from_tfds_builder",
-    "from_tfds_directory", "iter_parse", "load_source", "parse_label", "parse_row",
-    "read_examples", "read_rows",
+    "FORMATS", "KINDS", "DataConfig", "DataError", "ListSource", "LoadSummary", "Location", "Pipeline",
+    "PipelineConfig", "TfdsSource", "check_format", "detect_format", "detect_row_format", "expand_paths",
+    "from_files", "from_tfds_builder", "from_tfds_directory", "iter_parse", "load_source", "parse_as",
+    "parse_label", "parse_row", "read_examples", "read_rows",
 ]

@@ -10,7 +10,11 @@ their loss masks: scored tokens are wrapped in ⟦ ⟧ (or shown in green with `
 
 Data: a JSONL file of canonical examples (one dict per line, each with a "kind"; "source"
 defaults to "path:line"); anything else goes through prefjax.data.sources.load_source (raw
-JSONL / JSON / Parquet / CSV files of any shape, a prepared TFDS directory, "tfds:<builder>").
+JSONL / JSON / Parquet / CSV files of any row format, a prepared TFDS directory, "tfds:<builder>",
+"hf:<owner>/<name>") with the trainer's data options: ``--format`` (data.format, e.g. sharegpt;
+prefjax.data.formats), ``--fields prompt=question,chosen=a`` (data.fields), ``--split``,
+``--data_dir`` and ``--on_error error|skip``. The report starts with the row format the rows were
+read as (detected or set) and what loading skipped.
 From Python, any list / random-access source works via :func:`inspect_examples`.
 """
 
@@ -26,6 +30,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from prefjax.data import formats, records
 from prefjax.data.batching import build_batch
 from prefjax.data.packing import PaddingStats, pack_sequences
 from prefjax.data.pipeline import DataConfig
@@ -71,13 +76,28 @@ def _is_canonical_jsonl(path: Path) -> bool:
     return False
 
 
-def load_examples(spec: str) -> Sequence[Mapping[str, Any]]:
-    """Canonical JSONL directly; any other file or dataset spec through load_source."""
-    if Path(spec).is_file() and _is_canonical_jsonl(Path(spec)):
+def load_examples(spec: str, *, row_format: str = formats.AUTO, fields: Optional[Mapping[str, str]] = None,
+                  split: str = "train", data_dir: Optional[str] = None,
+                  on_error: str = "error") -> Sequence[Mapping[str, Any]]:
+    """Canonical JSONL directly (unless a row format is set); any other file or dataset spec
+    through load_source, with the trainer's data options (``on_error``: "error" | "skip" | "drop")."""
+    if row_format == formats.AUTO and not fields and Path(spec).is_file() and _is_canonical_jsonl(Path(spec)):
         return read_jsonl(spec)
     from prefjax.data.sources import load_source  # pylint: disable=import-outside-toplevel
 
-    return load_source(spec)
+    return load_source(spec, split=split, data_dir=data_dir or None, fields=fields, row_format=row_format,
+                       on_error=records.row_policy(on_error))
+
+
+def describe_load(examples: Any, row_format: str = formats.AUTO) -> Optional[str]:
+    """"rows: sharegpt (detected); 12 rows read, 10 examples; skipped ..." for a source that kept
+    its LoadSummary (file and Hub sources), else None."""
+    summary = getattr(examples, "summary", None)
+    if not isinstance(summary, records.LoadSummary):
+        return None
+    how = "detected" if row_format == formats.AUTO else "set by --format"
+    head = f"rows: {summary.row_format} ({how})" if summary.row_format else "rows: no row read"
+    return f"{head}; {summary}"
 
 
 @dataclasses.dataclass
@@ -274,6 +294,28 @@ def _parse_buckets(value: str) -> Any:
     return int(value)
 
 
+def _row_format(value: str) -> str:
+    try:
+        formats.check_format(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return value
+
+
+def _fields(value: str) -> dict[str, str]:
+    """"prompt=question,chosen=a" -> {"prompt": "question", "chosen": "a"} (canonical name = column)."""
+    items = [item for item in value.split(",") if item.strip()]
+    bad = [item for item in items if "=" not in item]
+    if bad:
+        raise argparse.ArgumentTypeError(f"expected name=column items separated by commas (e.g. "
+                                         f"prompt=question,chosen=a), got {bad[0]!r}")
+    try:
+        return records.check_fields({name.strip(): column.strip()
+                                     for name, column in (item.split("=", 1) for item in items)})
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m prefjax.data.inspect", description=__doc__.split("\n\n")[0]
@@ -283,6 +325,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--tokenizer", required=True, help="folder with tokenizer.json (+ tokenizer_config.json)"
+    )
+    parser.add_argument(
+        "--format",
+        type=_row_format,
+        default=formats.AUTO,
+        help=f"row format (data.format): {', '.join([formats.AUTO, *formats.FORMATS])}",
+    )
+    parser.add_argument(
+        "--fields", type=_fields, default={}, help="column names (data.fields), e.g. prompt=question,chosen=a"
+    )
+    parser.add_argument("--split", default="train", help="split of a TFDS or Hub source, e.g. train[:1000]")
+    parser.add_argument("--data_dir", default="", help="where tfds: sources are prepared")
+    parser.add_argument(
+        "--on_error",
+        default="error",
+        choices=tuple(records.DATA_ON_ERROR),
+        help="bad rows: error (stop at the first) or skip (count by reason); drop = skip",
     )
     parser.add_argument(
         "--template",
@@ -314,7 +373,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         template = None
     elif template != "tokenizer":
         template = Path(template).read_text(encoding="utf-8")
-    examples = load_examples(args.data)
+    try:
+        examples = load_examples(args.data, row_format=args.format, fields=args.fields, split=args.split,
+                                 data_dir=args.data_dir, on_error=args.on_error)
+    except (ValueError, FileNotFoundError) as err:  # DataError is a ValueError: file, line and field
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    loaded = describe_load(examples, args.format)
     if args.limit is not None:
         examples = [examples[i] for i in range(min(args.limit, len(examples)))]
     pack_rows = args.pack_rows
@@ -339,7 +404,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report = inspect_examples(
         examples, load_tokenizer(args.tokenizer), config, show=args.show, color=args.color
     )
-    print(format_report(report))
+    print(format_report(report) if loaded is None else f"{loaded}\n{format_report(report)}")
     return 0
 
 

@@ -11,7 +11,8 @@ Two layouts keep padding down while shapes stay few (every new shape recompiles 
   sequences of a row apart and positions restart at 0 for each. An example longer than a row
   spills its sequences one by one (first-fit each). Shapes are fixed, so an example that
   finds no room is an error (``pack_overflow="error"``: raise ``pack_rows``) or is left out
-  of the batch with weight 0 (``"drop"``, counted).
+  of the batch with weight 0 (``"drop"``, counted). The data pipeline drops an example that
+  fits no empty rows at all (:func:`fits_empty_rows`) before batching, so it takes no slot.
 
 :class:`PaddingStats` accumulates, over batches, how many row slots hold real tokens,
 filler-example tokens and padding.
@@ -149,6 +150,14 @@ def place_example(free: list[int], seq_lengths: Sequence[int], row_length: int, 
         mine.append(Placement(example, k, r, row_length - trial[r], n))
         trial[r] -= n
     return trial, mine
+
+
+def fits_empty_rows(seq_lengths: Sequence[int], row_length: int, num_rows: int) -> bool:
+    """Whether one example's sequences fit ``num_rows`` empty rows of ``row_length`` (first-fit,
+    as :func:`pack_sequences` places them). One that does not can never be packed."""
+    if any(n > row_length for n in seq_lengths):
+        return False
+    return place_example([row_length] * num_rows, seq_lengths, row_length) is not None
 
 
 def _check_row_fit(e: int, seq_lengths: Sequence[int], row_length: int) -> None:

@@ -35,6 +35,15 @@ Counters (truncation, drops, padding waste, label flips) are in :meth:`Pipeline.
 count work when it happens in this process, so prefetching runs a few batches ahead, and they
 start from zero after a restore.
 
+Nothing hangs on data that filters everything out. Stage 5 drops examples (truncation with a
+``drop`` mode, ``on_error="drop"``, and, with ``pack_overflow="drop"``, an example that fits
+the packed rows not even alone), and grain skips dropped elements internally: on repeated
+data with every example dropped it would search forever. So stage 5 counts, per pass over the
+data, how many examples of this process's share it has seen and kept; a share read to its end
+with nothing kept raises :class:`PipelineEmptyError` with the counts by reason. An empty
+source raises it at construction, with what loading skipped when the source tells
+(``summary`` / ``load_summary``).
+
 Checkpointing: the iterator is a grain ``DatasetIterator``; save it with orbax through
 ``grain.checkpoint.CheckpointSave(iterator)`` in an ``ocp.args.Composite`` (restore with
 ``CheckpointRestore(fresh_iterator)``), or use ``get_state``/``set_state`` directly.
@@ -42,6 +51,7 @@ Checkpointing: the iterator is a grain ``DatasetIterator``; save it with orbax t
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
@@ -57,7 +67,7 @@ from prefjax import sharding as sharding_lib
 from prefjax.batch import Batch
 from prefjax.data.batching import build_batch, row_filler
 from prefjax.data.label_noise import choose_flips
-from prefjax.data.packing import LayoutConfig, PaddingStats, RowFiller
+from prefjax.data.packing import LayoutConfig, PaddingStats, RowFiller, fits_empty_rows
 from prefjax.data.tokenize import (
     PreprocessError,
     RenderOptions,
@@ -66,10 +76,23 @@ from prefjax.data.tokenize import (
     response_fields,
     tokenize_example,
 )
-from prefjax.data.truncation import TruncationConfig, TruncationCounter, truncate
+from prefjax.data.truncation import TruncationConfig, TruncationCounter, truncate_example
 from prefjax.models.tokenizer import Tokenizer
 
 ERROR_MODES = ("error", "drop")
+
+# Why stage 5 dropped an example: truncation's reasons, a tokenization error under
+# on_error="drop", or an example that fits no empty set of packed rows (pack_overflow="drop").
+PREPROCESS_ERROR, PACK_UNFITTABLE = "preprocess_error", "pack_unfittable"
+
+
+class PipelineEmptyError(ValueError):
+    """The data yields no example to train on: the source is empty, or one whole pass over it
+    (this process's share) was dropped. ``counts``: dropped examples by reason."""
+
+    def __init__(self, message: str, counts: Optional[Mapping[str, int]] = None):
+        super().__init__(message)
+        self.counts = dict(counts or {})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,18 +190,27 @@ class PipelineStats:
         self.padding = PaddingStats()
         self._lock = threading.Lock()
         self._errors = 0
+        self._pack_unfittable = 0
+        self.first_error: Optional[str] = None
         self.label_flips = 0
         self.label_noise_examples = 0
 
-    def add_error(self) -> None:
+    def add_error(self, message: str = "") -> None:
         with self._lock:
             self._errors += 1
+            if self.first_error is None and message:
+                self.first_error = message
+
+    def add_pack_unfittable(self) -> None:
+        with self._lock:
+            self._pack_unfittable += 1
 
     def as_dict(self) -> dict[str, float]:
         out = {f"truncation/{k}": v for k, v in self.truncation.as_dict().items()}
         out.update({f"padding/{k}": v for k, v in self.padding.as_dict().items()})
         with self._lock:
             out["errors_dropped"] = self._errors
+            out["pack_unfittable_dropped"] = self._pack_unfittable
         out["label_noise/flipped"] = self.label_flips
         out["label_noise/examples"] = self.label_noise_examples
         return out
@@ -215,22 +247,81 @@ class _FlipLabels:
 
 
 class _Preprocess:
-    """Canonical example -> truncated TokenizedExample, or None when dropped."""
+    """(index, canonical example) -> truncated TokenizedExample, or None when dropped; every
+    outcome is recorded in the pass check."""
 
-    def __init__(self, tokenizer: Tokenizer, config: DataConfig, stats: PipelineStats):
+    def __init__(self, tokenizer: Tokenizer, config: DataConfig, stats: PipelineStats, passes: "_PassCheck"):
         self.tokenizer = tokenizer
         self.config = config
         self.stats = stats
+        self.passes = passes
 
-    def __call__(self, example: Mapping[str, Any]) -> Optional[TokenizedExample]:
+    def __call__(self, index: int, example: Mapping[str, Any]) -> Optional[TokenizedExample]:
+        kept, reason = self.process(example)
+        self.passes.record(index, reason)
+        return kept
+
+    def process(self, example: Mapping[str, Any]) -> tuple[Optional[TokenizedExample], Optional[str]]:
+        """(the example ready to batch or None, why it was dropped or None)."""
         try:
             tokenized = tokenize_example(example, self.tokenizer, self.config.render)
-        except PreprocessError:
+        except PreprocessError as err:
             if self.config.pipeline.on_error == "error":
                 raise
-            self.stats.add_error()
-            return None
-        return truncate(tokenized, self.config.truncation, self.tokenizer.bos_token_id, self.stats.truncation)
+            self.stats.add_error(str(err))
+            return None, PREPROCESS_ERROR
+        kept, event = truncate_example(tokenized, self.config.truncation, self.tokenizer.bos_token_id)
+        self.stats.truncation.add(event)
+        if kept is None:
+            return None, event.dropped
+        layout = self.config.layout
+        if layout.pack and layout.pack_overflow == "drop":
+            lengths = [kept.sequence_length(k) for k in range(kept.num_responses)]
+            if not fits_empty_rows(lengths, layout.packed_row_length, layout.pack_rows):
+                # Left to the batch stage it would take a slot in every batch it lands in and
+                # never be placed; here it is dropped once, counted, and the pass check sees it.
+                self.stats.add_pack_unfittable()
+                return None, PACK_UNFITTABLE
+        return kept, None
+
+
+class _PassCheck:
+    """Counts stage 5's outcomes per pass over the data; raises PipelineEmptyError when this
+    process's share of a pass is read to its end and nothing was kept.
+
+    grain's ``map_with_index`` index i of the sharded stream is position
+    ``shard_index + i * shard_count`` of the repeated, shuffled data, whose pass is
+    ``position // num_examples``. Threads finish examples out of order, so outcomes are
+    counted per pass, not as a run of consecutive drops (a shuffled pass may put its one
+    surviving example first and the next pass last).
+    """
+
+    def __init__(self, num_examples: int, shard_index: int, shard_count: int,
+                 describe: Callable[[int, Mapping[str, int]], str]):
+        self.num_examples, self.shard_index, self.shard_count = num_examples, shard_index, shard_count
+        self.describe = describe
+        self._passes: dict[int, collections.Counter] = {}
+        self._lock = threading.Lock()
+
+    def _share_before(self, position: int) -> int:
+        """Positions in [0, position) that this process reads."""
+        return max(0, -(-(position - self.shard_index) // self.shard_count))
+
+    def share(self, epoch: int) -> int:
+        """How many examples of pass `epoch` this process reads."""
+        start = epoch * self.num_examples
+        return self._share_before(start + self.num_examples) - self._share_before(start)
+
+    def record(self, index: int, reason: Optional[str]) -> None:
+        epoch = (self.shard_index + index * self.shard_count) // self.num_examples
+        with self._lock:
+            counts = self._passes.setdefault(epoch, collections.Counter())
+            counts[reason or "kept"] += 1
+            if sum(counts.values()) < self.share(epoch):
+                return
+            del self._passes[epoch]  # complete; a restore mid-pass never completes that pass here
+        if not counts["kept"]:
+            raise PipelineEmptyError(self.describe(sum(counts.values()), counts), counts)
 
 
 class _MakeBatch:
@@ -367,7 +458,9 @@ class _FillRows(grain.IterDataset):
 def _source_shape(source: Any) -> tuple[str, int]:
     """(kind, responses per example) of the source, from its first example."""
     if len(source) == 0:
-        raise ValueError("the data source is empty")
+        loaded = load_summary(source)
+        raise PipelineEmptyError("the data source holds no examples"
+                                 + (f" ({loaded})" if loaded else "") + "; nothing to train on")
     first = source[0]
     check_example(first)
     return first["kind"], len(response_fields(first))
@@ -408,7 +501,9 @@ class Pipeline:
             ds = ds.shuffle(seed=pc.seed)
         ds = ds.repeat(pc.num_epochs)
         ds = ds[self.shard_index :: self.shard_count]
-        ds = ds.map(_Preprocess(tokenizer, config, self.stats_counters))
+        self.source = source
+        passes = _PassCheck(self.num_examples, self.shard_index, self.shard_count, self._describe_empty)
+        ds = ds.map_with_index(_Preprocess(tokenizer, config, self.stats_counters, passes))
         iter_ds = ds.to_iter_dataset(
             grain.ReadOptions(num_threads=pc.read_threads, prefetch_buffer_size=pc.read_buffer)
         )
@@ -446,6 +541,29 @@ class Pipeline:
         self.stats_counters.label_noise_examples = self.num_examples
         return flips
 
+    def _describe_empty(self, seen: int, counts: Mapping[str, int]) -> str:
+        """PipelineEmptyError's message: the examples of one pass, all dropped, by reason."""
+        where = ("one pass over the data" if self.shard_count == 1 else
+                 f"process {self.shard_index}'s share of one pass over the data ({self.num_examples} in all)")
+        reasons = "; ".join(f"{counts[r]} {self._reason_text(r)}" for r in sorted(counts) if r != "kept")
+        return (f"no example survives preprocessing: all {seen} examples of {where} were dropped: {reasons}. "
+                "Nothing to train on: relax these limits or fix the data")
+
+    def _reason_text(self, reason: str) -> str:
+        t, layout = self.config.truncation, self.config.layout
+        texts = {
+            "prompt_too_long": f"with a prompt over max_prompt_len={t.max_prompt_len} (prompt_mode='drop')",
+            "response_too_long": f"with a response over max_response_len={t.max_response_len} (response_mode='drop')",
+            "sequence_too_long": (f"with prompt + response over max_len={t.max_len} (response_mode="
+                                  f"{t.response_mode!r}; a prompt of max_len tokens leaves no room)"),
+            "no_scored": "whose cut response kept no scored token",
+            PREPROCESS_ERROR: (f"that could not be tokenized (on_error='drop'; the first: "
+                               f"{self.stats_counters.first_error})"),
+            PACK_UNFITTABLE: (f"that fit no {layout.pack_rows} empty packed rows of {layout.packed_row_length} "
+                              "tokens (pack_overflow='drop'): raise pack_rows or row_length"),
+        }
+        return texts.get(reason, reason)
+
     def __iter__(self) -> grain.DatasetIterator:
         return iter(self.dataset)
 
@@ -456,6 +574,16 @@ class Pipeline:
     def to_global(self, batch: Batch, mesh: Mesh, rules: Optional[sharding_lib.Rules] = None) -> Batch:
         """`Batch.to_global` with this pipeline's pad id."""
         return batch.to_global(mesh, rules, self.pad_id)
+
+
+def load_summary(source: Any) -> Any:
+    """What loading the source skipped, if it says: a records.LoadSummary (``summary`` of file
+    sources) or a dict (``load_summary`` of TFDS sources); None otherwise."""
+    for name in ("load_summary", "summary"):
+        value = getattr(source, name, None)
+        if value:
+            return value
+    return None
 
 
 def _pad_id(tokenizer: Tokenizer) -> int:

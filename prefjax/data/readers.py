@@ -31,8 +31,9 @@ import os
 import re
 from typing import Any, BinaryIO, Iterable, Iterator, Mapping, Sequence, Union
 
+from prefjax.data.formats import iter_parse
 from prefjax.data.records import (BAD_FILE, BAD_JSON, BAD_ROW, BAD_UTF8, DataError, Location, LoadSummary,
-                                  check_on_error, handle_error, iter_parse)
+                                  check_on_error, handle_error)
 
 PathLike = Union[str, os.PathLike]
 FORMATS = ("jsonl", "json", "parquet", "csv", "tsv")
@@ -263,8 +264,10 @@ def read_examples(paths: PathLike | Iterable[PathLike], *, shape: str = "auto",
                   summary: LoadSummary | None = None, row_format: str = "auto") -> Iterator[dict[str, Any]]:
     """Yields canonical examples from files (paths, globs), file after file, in order.
 
-    ``shape="auto"`` takes the shape of the first good row for all files. With ``on_error="skip"``
-    the skipped rows are counted in ``summary`` (made here if not given) and logged at the end.
+    ``row_format`` is the rows' layout (prefjax.data.formats; "auto" detects it from the first row
+    that fits one and logs what it found). ``shape="auto"`` takes the kind of the first example for
+    all files. With ``on_error="skip"`` the skipped rows are counted in ``summary`` (made here if not
+    given) and logged at the end, counts and first message per reason.
     """
     check_on_error(on_error)
     if summary is None and on_error == "skip":
@@ -276,6 +279,7 @@ def read_examples(paths: PathLike | Iterable[PathLike], *, shape: str = "auto",
             yield from read_rows(path, format=format, json_columns=json_columns, on_error=on_error,
                                  summary=summary)
 
-    yield from iter_parse(rows(), shape=shape, fields=fields, on_error=on_error, summary=summary)
+    yield from iter_parse(rows(), shape=shape, fields=fields, on_error=on_error, summary=summary,
+                          row_format=row_format)
     if summary is not None and summary.num_skipped:
         log.warning("%s: %s", ", ".join(files), summary)

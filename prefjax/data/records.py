@@ -32,6 +32,10 @@ and ``weight`` (all shapes; 1.0 when absent). Column names are configurable with
 canonical name -> column, e.g. ``{"prompt": "question", "chosen": "response_a"}``. Columns that the
 shape does not use are ignored; message dicts keep only ``role`` and ``content``.
 
+Rows in other public layouts (ShareGPT, OpenAI messages, Alpaca, HH-RLHF dialogue text, ...) are
+turned into these shapes first by prefjax.data.formats, which also detects the layout and runs the
+parse loop over a file's rows (``formats.iter_parse``).
+
 Every problem raises :class:`DataError` naming the file, the position (JSONL line, JSON-array
 index, CSV/Parquet row) and the column. ``on_error="skip"`` callers record errors in a
 :class:`LoadSummary` instead (counted per reason, never dropped silently).
@@ -40,10 +44,11 @@ index, CSV/Parquet row) and the column. ``on_error="skip"`` callers record error
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import math
 import numbers
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 KINDS = ("pair", "unpaired", "ranked")
 ROLES = ("system", "user", "assistant", "tool")
@@ -71,6 +76,11 @@ BAD_JSON = "bad_json"
 BAD_UTF8 = "bad_utf8"
 BAD_ROW = "bad_row"
 BAD_FILE = "bad_file"
+UNKNOWN_FORMAT = "unknown_format"  # a row that fits no row format (prefjax.data.formats)
+
+# The user-facing error policy (config data.on_error, the inspect CLI) -> this module's policy.
+# "drop" is the older name of "skip", kept as a synonym.
+DATA_ON_ERROR = {"error": "raise", "skip": "skip", "drop": "skip"}
 
 Message = dict[str, str]
 Conversation = list[Message]
@@ -129,6 +139,7 @@ class LoadSummary:
     ``skipped``: rows rejected as errors under ``on_error="skip"``, per reason.
     ``filtered``: rows a builder leaves out by design (e.g. HelpSteer2 ties), per reason.
     ``first_errors``: the first message per reason, to show what went wrong.
+    ``row_format``: the row format the rows were read as (prefjax.data.formats), when known.
     """
 
     rows: int = 0
@@ -136,6 +147,7 @@ class LoadSummary:
     skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     filtered: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     first_errors: dict[str, str] = dataclasses.field(default_factory=dict)
+    row_format: str | None = None
 
     def record(self, error: DataError) -> None:
         self.skipped[error.reason] += 1
@@ -151,7 +163,16 @@ class LoadSummary:
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-able form (stored in TFDS metadata)."""
         return {"rows": self.rows, "examples": self.examples, "skipped": dict(self.skipped),
-                "filtered": dict(self.filtered), "first_errors": dict(self.first_errors)}
+                "filtered": dict(self.filtered), "first_errors": dict(self.first_errors),
+                "row_format": self.row_format}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "LoadSummary":
+        """The inverse of :meth:`as_dict` (missing keys take their defaults: older metadata)."""
+        return cls(rows=int(data.get("rows", 0)), examples=int(data.get("examples", 0)),
+                   skipped=collections.Counter(data.get("skipped", {})),
+                   filtered=collections.Counter(data.get("filtered", {})),
+                   first_errors=dict(data.get("first_errors", {})), row_format=data.get("row_format"))
 
     def __str__(self) -> str:
         text = f"{self.rows} rows read, {self.examples} examples"
@@ -167,6 +188,13 @@ class LoadSummary:
 def check_on_error(on_error: str) -> None:
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+
+
+def row_policy(data_on_error: str) -> str:
+    """The user-facing policy ("error" | "skip", or "drop" = "skip") -> "raise" | "skip"."""
+    if data_on_error not in DATA_ON_ERROR:
+        raise ValueError(f"data.on_error must be one of {list(DATA_ON_ERROR)}, got {data_on_error!r}")
+    return DATA_ON_ERROR[data_on_error]
 
 
 def handle_error(error: DataError, on_error: str, summary: LoadSummary | None) -> None:
@@ -197,8 +225,12 @@ def _absent(value: Any) -> bool:
     return value is None or (isinstance(value, str) and value == "")
 
 
-class _Row:
-    """One raw row with its location and field mapping; builds located errors."""
+class Row:
+    """One raw row with its location and field mapping; builds located errors.
+
+    ``get``/``has``/``require`` read a canonical field through the mapping; ``row`` is the raw dict
+    (row formats read their own columns from it, prefjax.data.formats).
+    """
 
     def __init__(self, row: Mapping[str, Any], location: Location, fields: Mapping[str, str]):
         self.row, self.location, self.fields = row, location, fields
@@ -234,7 +266,7 @@ class _Row:
 # Conversations
 # ---------------------------------------------------------------------------------------------
 
-def _message(value: Any, r: _Row, name: str, suffix: str) -> Message:
+def _message(value: Any, r: Row, name: str, suffix: str) -> Message:
     if not isinstance(value, Mapping):
         raise r.error(name, f"a message must be a dict with 'role' and 'content', got {type(value).__name__}",
                       WRONG_TYPE, suffix)
@@ -250,7 +282,7 @@ def _message(value: Any, r: _Row, name: str, suffix: str) -> Message:
     return {"role": role, "content": content}
 
 
-def _conversation(value: Any, r: _Row, name: str, role: str, suffix: str = "") -> tuple[Conversation, bool]:
+def _conversation(value: Any, r: Row, name: str, role: str, suffix: str = "") -> tuple[Conversation, bool]:
     """(messages, is_chat): text becomes one message with ``role``; a list is validated message by message."""
     if isinstance(value, str):
         return [{"role": role, "content": value}], False
@@ -271,7 +303,7 @@ def shared_prefix_length(conversations: Sequence[Conversation]) -> int:
     return n
 
 
-def _check_response(messages: Conversation, r: _Row, name: str, suffix: str, offset: int) -> None:
+def _check_response(messages: Conversation, r: Row, name: str, suffix: str, offset: int) -> None:
     """A response starts with an assistant message and has no blank message."""
     if messages[0]["role"] != "assistant":
         raise r.error(name, f"a response must start with an assistant message, got role "
@@ -281,12 +313,12 @@ def _check_response(messages: Conversation, r: _Row, name: str, suffix: str, off
             raise r.error(name, "empty response", EMPTY, f"{suffix}[{offset + i}].content")
 
 
-def _text_response(messages: Conversation, r: _Row, name: str, suffix: str = "") -> None:
+def _text_response(messages: Conversation, r: Row, name: str, suffix: str = "") -> None:
     if not messages[0]["content"].strip():
         raise r.error(name, "empty response", EMPTY, suffix)
 
 
-def _prompt(r: _Row) -> tuple[Conversation, bool]:
+def _prompt(r: Row) -> tuple[Conversation, bool]:
     """The explicit prompt (text -> one user message), or ([], False) when absent."""
     if not r.has("prompt"):
         return [], False
@@ -296,7 +328,7 @@ def _prompt(r: _Row) -> tuple[Conversation, bool]:
     return prompt, chat
 
 
-def _split_prompt(prompt: Conversation, responses: list[Conversation], r: _Row,
+def _split_prompt(prompt: Conversation, responses: list[Conversation], r: Row,
                   names: Sequence[tuple[str, str]]) -> tuple[Conversation, list[Conversation], int]:
     """Moves the explicit prompt repeated at the start of every response, then the shared prefix,
     into the prompt. Returns (prompt, tails, messages removed from each response)."""
@@ -316,7 +348,7 @@ def _split_prompt(prompt: Conversation, responses: list[Conversation], r: _Row,
     return prompt, [resp[shared:] for resp in responses], offset + shared
 
 
-def _no_prompt(r: _Row) -> DataError:
+def _no_prompt(r: Row) -> DataError:
     return r.error("prompt", "missing or empty: give a prompt column, or message lists that start with "
                    "the shared prompt", MISSING)
 
@@ -330,7 +362,7 @@ def _same_stripped(a: Conversation, b: Conversation) -> bool:
 # Numbers and labels
 # ---------------------------------------------------------------------------------------------
 
-def _to_float(value: Any, r: _Row, name: str, suffix: str = "") -> float:
+def _to_float(value: Any, r: Row, name: str, suffix: str = "") -> float:
     # bool is an int subclass: True as a score is almost certainly a misplaced label.
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return float(value)
@@ -342,7 +374,7 @@ def _to_float(value: Any, r: _Row, name: str, suffix: str = "") -> float:
     raise r.error(name, f"must be a number, got {value!r}", BAD_SCORE, suffix)
 
 
-def _optional_float(r: _Row, name: str) -> float:
+def _optional_float(r: Row, name: str) -> float:
     """A score/margin: NaN when absent; present values must be finite (NaN also means absent)."""
     if not r.has(name):
         return math.nan
@@ -352,7 +384,7 @@ def _optional_float(r: _Row, name: str) -> float:
     return value
 
 
-def _weight(r: _Row) -> float:
+def _weight(r: Row) -> float:
     if not r.has("weight"):
         return 1.0
     value = _to_float(r.get("weight"), r, "weight")
@@ -375,7 +407,7 @@ def parse_label(value: Any) -> bool | None:
     return None
 
 
-def _label(r: _Row) -> bool:
+def _label(r: Row) -> bool:
     if not r.has("label"):
         raise r.error("label", "missing or empty", MISSING)
     value = r.get("label")
@@ -390,7 +422,7 @@ def _label(r: _Row) -> bool:
 # Shapes
 # ---------------------------------------------------------------------------------------------
 
-def _parse_pair(r: _Row) -> dict[str, Any]:
+def _parse_pair(r: Row) -> dict[str, Any]:
     chosen, chosen_chat = _conversation(r.require("chosen"), r, "chosen", "assistant")
     rejected, rejected_chat = _conversation(r.require("rejected"), r, "rejected", "assistant")
     if chosen_chat != rejected_chat:
@@ -415,7 +447,7 @@ def _parse_pair(r: _Row) -> dict[str, Any]:
             "weight": _weight(r), "source": str(r.location)}
 
 
-def _parse_unpaired(r: _Row) -> dict[str, Any]:
+def _parse_unpaired(r: Row) -> dict[str, Any]:
     completion, chat = _conversation(r.require("completion"), r, "completion", "assistant")
     prompt, prompt_chat = _prompt(r)
     offset = 0
@@ -438,7 +470,7 @@ def _parse_unpaired(r: _Row) -> dict[str, Any]:
             "completion": completion, "label": _label(r), "weight": _weight(r), "source": str(r.location)}
 
 
-def _numbers(r: _Row, name: str, count: int) -> list[float]:
+def _numbers(r: Row, name: str, count: int) -> list[float]:
     values = r.get(name)
     if not isinstance(values, (list, tuple)):
         raise r.error(name, f"must be a list of numbers, got {type(values).__name__}", WRONG_TYPE)
@@ -451,7 +483,7 @@ def _numbers(r: _Row, name: str, count: int) -> list[float]:
     return out
 
 
-def _parse_ranked(r: _Row) -> dict[str, Any]:
+def _parse_ranked(r: Row) -> dict[str, Any]:
     raw = r.require("responses")
     if isinstance(raw, str) or not isinstance(raw, (list, tuple)):
         raise r.error("responses", f"must be a list of responses, got {type(raw).__name__}", WRONG_TYPE)
@@ -499,40 +531,13 @@ def parse_row(row: Mapping[str, Any], shape: str, location: Location,
         raise ValueError(f"shape must be one of {KINDS}, got {shape!r}")
     if not isinstance(row, Mapping):
         raise DataError(location, None, f"a row must be an object/dict, got {type(row).__name__}", BAD_ROW)
-    return _PARSERS[shape](_Row(row, location, check_fields(fields)))
+    return _PARSERS[shape](Row(row, location, check_fields(fields)))
 
 
-def detect_shape(row: Mapping[str, Any], location: Location, fields: Mapping[str, str] | None = None) -> str:
-    """The shape a row's columns imply: chosen+rejected -> pair, responses -> ranked,
-    completion+label -> unpaired. Raises DataError when none fits."""
-    r = _Row(row if isinstance(row, Mapping) else {}, location, check_fields(fields))
-    if r.has("chosen") and r.has("rejected"):
-        return "pair"
-    if r.has("responses"):
-        return "ranked"
-    if r.has("completion") and r.has("label"):
-        return "unpaired"
-    columns = sorted(str(k) for k in r.row)
-    raise DataError(location, None, f"cannot tell the shape from columns {columns}: expected chosen+rejected "
-                    "(pair), completion+label (unpaired) or responses (ranked); pass shape= or a field "
-                    "mapping", MISSING)
-
-
-def iter_parse(rows: Iterable[tuple[Location, Mapping[str, Any]]], shape: str = "auto",
-               fields: Mapping[str, str] | None = None, on_error: str = "raise",
-               summary: LoadSummary | None = None) -> Iterable[dict[str, Any]]:
-    """Parses located rows under an error policy. ``shape="auto"``: the first good row decides,
-    and every later row must have that shape."""
-    check_on_error(on_error)
-    fields = check_fields(fields)
-    for location, row in rows:
-        try:
-            if shape == "auto":
-                shape = detect_shape(row, location, fields)
-            example = parse_row(row, shape, location, fields)
-        except DataError as error:
-            handle_error(error, on_error, summary)
-            continue
-        if summary is not None:
-            summary.examples += 1
-        yield example
+def pair_to_unpaired(example: Mapping[str, Any], desirable: bool) -> dict[str, Any]:
+    """One side of a canonical pair as an unpaired example: the chosen response is desirable
+    (label True), the rejected one undesirable (TRL's convention for KTO on paired data)."""
+    side = "chosen" if desirable else "rejected"
+    return {"kind": "unpaired", "format": example["format"], "prompt": copy.deepcopy(example["prompt"]),
+            "completion": copy.deepcopy(example[side]), "label": desirable, "weight": example["weight"],
+            "source": f"{example['source']} ({side})"}

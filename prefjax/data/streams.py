@@ -7,12 +7,21 @@ checkpoint: the grain iterator's state for the pipeline (`data_iterator`, saved 
 the Checkpointer), a batch counter for the synthetic stream (`state()`, saved in
 the checkpoint metadata), so a resumed run sees exactly the batches an
 uninterrupted run would have seen next.
+
+Real data comes from `prefjax.data.sources.load_source` with the `config.data` keys (split /
+eval_split, data_dir, format, fields, on_error). `data.on_error="skip"` (or its older name
+"drop") skips bad rows (counted by reason in the source's `LoadSummary`, which every stream
+exposes as `load_summary`) and drops examples that cannot be tokenized. A loss that trains on
+unpaired examples (KTO, BCO, ...) reads pair data as two unpaired examples per pair
+(`UnpairedFromPairs`).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional
+import logging
+import operator
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import ml_collections
@@ -20,8 +29,17 @@ import numpy as np
 
 from prefjax.batch import Batch
 from prefjax.data import pipeline as pipeline_lib
-from prefjax.data import prefix_sharing, synthetic_batches
+from prefjax.data import prefix_sharing, records, synthetic_batches
+from prefjax.data.records import LoadSummary
 from prefjax.models.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+# What each kind of loss reads, for the error on data of another kind.
+_NEEDS = {"pair": "pairs (prompt + chosen + rejected)",
+          "unpaired": "unpaired examples (prompt + completion + label), or pairs (each becomes a desirable "
+                      "and an undesirable example)",
+          "ranked": "ranked examples (prompt + responses + scores or ranks)"}
 
 
 class SyntheticStream:
@@ -37,6 +55,7 @@ class SyntheticStream:
         self.position = 0
         self.pad_id = 0
         self.data_iterator = None
+        self.load_summary: Optional[LoadSummary] = None  # no rows were read
 
     def __iter__(self) -> "SyntheticStream":
         return self
@@ -63,10 +82,15 @@ class SyntheticStream:
 
 
 class PipelineStream:
-    """Batches of a prefjax.data Pipeline; its grain iterator carries the position."""
+    """Batches of a prefjax.data Pipeline; its grain iterator carries the position.
 
-    def __init__(self, pipeline: pipeline_lib.Pipeline):
+    `load_summary`: what reading the source's rows gave (rows, examples, skipped rows by reason and
+    the first message per reason, the row format), or None when the source did not record it.
+    """
+
+    def __init__(self, pipeline: pipeline_lib.Pipeline, load_summary: Optional[LoadSummary] = None):
         self.pipeline = pipeline
+        self.load_summary = load_summary
         self.data_iterator = iter(pipeline)
         self.num_responses = pipeline.num_responses
         self.pad_id = pipeline.pad_id
@@ -100,6 +124,7 @@ class MappedStream:
         self.inner, self.fn = inner, fn
         self.num_responses, self.pad_id = inner.num_responses, inner.pad_id
         self.data_iterator = inner.data_iterator
+        self.load_summary = getattr(inner, "load_summary", None)
 
     def __iter__(self) -> "MappedStream":
         return self
@@ -117,6 +142,38 @@ class MappedStream:
         self.inner.close()
 
 
+class UnpairedFromPairs:
+    """A pair source read as unpaired examples: pair i gives example 2i (its chosen response,
+    desirable) and 2i + 1 (its rejected response, undesirable), TRL's convention for KTO-style
+    losses on paired data. Random access like the pair source (grain shuffles and resumes it)."""
+
+    kind = "unpaired"
+
+    def __init__(self, pairs: Any):
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return 2 * len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        position = operator.index(index)
+        position += len(self) if position < 0 else 0
+        if not 0 <= position < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} examples")
+        return records.pair_to_unpaired(self.pairs[position // 2], desirable=position % 2 == 0)
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        return [self[i] for i in indices]
+
+    def __repr__(self) -> str:
+        return f"UnpairedFromPairs({self.pairs!r})"
+
+
+def pipeline_on_error(on_error: str) -> str:
+    """data.on_error -> the pipeline's policy for examples that cannot be tokenized."""
+    return "error" if records.row_policy(on_error) == "raise" else "drop"
+
+
 def data_config(data: ml_collections.ConfigDict, *, per_process_batch: int, seed: int,
                 num_epochs: Optional[int], shuffle: bool) -> pipeline_lib.DataConfig:
     """The pipeline's DataConfig from the trainer's `config.data` section (unpacked rows when
@@ -124,7 +181,8 @@ def data_config(data: ml_collections.ConfigDict, *, per_process_batch: int, seed
     pack = data.pack and not data.share_prefix
     mapping = dict(batch_size=per_process_batch, max_len=data.max_len, pack=pack, buckets=data.buckets,
                    seed=seed, shuffle=shuffle, num_epochs=num_epochs, label_noise=data.label_noise,
-                   on_error=data.on_error, prompt_mode=data.prompt_mode, response_mode=data.response_mode)
+                   on_error=pipeline_on_error(data.on_error), prompt_mode=data.prompt_mode,
+                   response_mode=data.response_mode)
     if pack:
         mapping.update(pack_rows=data.pack_rows, row_length=data.row_length, pack_overflow=data.pack_overflow,
                        fill_packed_rows=data.fill_rows)
@@ -165,13 +223,51 @@ def _unpacked_or_packed_stream(config: ml_collections.ConfigDict, source_spec: s
                                pool=data.synthetic_pool if train else 0)
     if tokenizer is None:
         raise ValueError(f"data.source={source_spec!r} needs a tokenizer: set model.hf_folder or data.tokenizer")
-    from prefjax.data import sources  # pylint: disable=import-outside-toplevel
-
-    source = sources.load_source(source_spec)
-    source_kind = getattr(source, "kind", None) or (source[0]["kind"] if len(source) else kind)
-    if source_kind != kind:
-        raise ValueError(f"data {source_spec!r} holds {source_kind!r} examples, but loss "
-                         f"{config.loss_name!r} trains on {kind!r} examples")
+    source, summary = load_examples(config, source_spec, kind=kind, train=train)
     cfg = data_config(data, per_process_batch=per_process, seed=config.seed,
                       num_epochs=data.num_epochs if train else 1, shuffle=data.shuffle and train)
-    return PipelineStream(pipeline_lib.Pipeline(source, tokenizer, cfg))
+    return PipelineStream(pipeline_lib.Pipeline(source, tokenizer, cfg), load_summary=summary)
+
+
+class DataKindError(ValueError):
+    """The data holds another kind of example (pairs, unpaired, ranked) than the loss trains on."""
+
+
+def _load_summary(source: Any) -> Optional[LoadSummary]:
+    """The source's LoadSummary: a file/Hub source's `summary`, a TFDS source's stored one."""
+    summary = getattr(source, "summary", None)
+    if isinstance(summary, LoadSummary):
+        return summary
+    stored = getattr(source, "load_summary", None)  # recorded when the TFDS dataset was prepared
+    return LoadSummary.from_dict(stored) if stored else None
+
+
+def load_examples(config: ml_collections.ConfigDict, source_spec: str, *, kind: str,
+                  train: bool) -> tuple[Any, Optional[LoadSummary]]:
+    """The random-access examples of `source_spec` as the config's data section says to read them,
+    in the kind the loss trains on (pairs become unpaired examples for unpaired losses), and what
+    reading them gave. Train data reads data.split, eval data data.eval_split."""
+    from prefjax.data import sources  # pylint: disable=import-outside-toplevel
+
+    data = config.data
+    key = "data.source" if train else "data.eval_source"
+    source = sources.load_source(
+        source_spec, split=data.split if train else data.eval_split, data_dir=data.data_dir or None,
+        fields={name: column for name, column in data.fields.items() if column}, row_format=data.format,
+        on_error=records.row_policy(data.on_error), key=key)
+    summary = _load_summary(source)
+    if summary is not None and summary.num_skipped and not isinstance(source, sources.ListSource):
+        # File and Hub rows were reported as they were read (prefjax.data.readers); a prepared
+        # dataset's were reported when it was prepared, maybe long ago.
+        log.warning("%s=%r: %s", key, source_spec, summary)
+    if not len(source):
+        return source, summary  # the pipeline says it is empty, with what loading skipped
+    source_kind = getattr(source, "kind", None) or source[0]["kind"]
+    if source_kind == "pair" and kind == "unpaired":
+        pairs, source = len(source), UnpairedFromPairs(source)
+        log.warning("data: %d pairs -> %d unpaired examples (chosen desirable, rejected undesirable) for "
+                    "loss %r", pairs, len(source), config.loss_name)
+    elif source_kind != kind:
+        raise DataKindError(f"{key}={source_spec!r} holds {source_kind} examples, but loss {config.loss_name!r} "
+                         f"trains on {_NEEDS[kind]}")
+    return source, summary

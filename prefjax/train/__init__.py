@@ -11,6 +11,8 @@
     export.py           the trained policy as a Hugging Face folder
     state.py            TrainState: what a checkpoint holds
     checkpoint.py       orbax checkpoints (state, data position, metadata)
+    resume.py           a rerun's config against the checkpointed one; every config kept
+    startup.py          the start-up report (printed, and summary.json's "startup")
     preemption.py       SIGTERM / preemption sync points
     metrics.py          metrics.jsonl + TensorBoard, late fetching, FLOPs and MFU
     optim.py            the optax chain and its schedule

@@ -41,7 +41,7 @@ Multi-host: every process calls every method with the same arguments (same steps
 pytree structure); orbax coordinates the processes through `jax.distributed` barriers
 and writes each array shard from the process that owns it. There is no locking here.
 Scalars in the state (optax's `count`) must be replicated global arrays, not arrays left
-on one device (see docs/environment.md: give `tx.init` explicit out_shardings).
+on one device (give `tx.init` explicit out_shardings, as prefjax.train.optim does).
 
 The frozen reference model is never checkpointed: it is rebuilt from the run's init on
 resume. Tests can check that with `checkpoint_size_bytes`.
@@ -221,6 +221,17 @@ class Checkpointer:
         except ValueError as e:
             raise ValueError(f"{step_dir}: cannot restore into abstract_state: {e}") from e
         return restored[STATE], dict(restored[METADATA] or {})
+
+    def metadata(self, step: int) -> dict:
+        """The metadata dict saved at `step`, read alone (no arrays are restored): what a rerun
+        checks before building anything (e.g. the config the checkpoint was trained with)."""
+        self._manager.wait_until_finished()
+        if step not in self._manager.all_steps():
+            self._manager.reload()
+            if step not in self._manager.all_steps():
+                raise CheckpointNotFoundError(_steps_message(self.directory, step, self.all_steps()))
+        restored = self._manager.restore(step, args=ocp.args.Composite(**{METADATA: ocp.args.JsonRestore()}))
+        return dict(restored[METADATA] or {})
 
     # -- lifecycle -----------------------------------------------------------------------------
 

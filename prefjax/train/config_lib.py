@@ -2,30 +2,44 @@
 
 Experiment files (configs/*.py) start from `trainer_config()` and change what
 they need; the command line overrides any key (`--config.loss.beta=0.05`).
-`validate(config)` checks everything that can be checked without a device
-program, and raises ConfigError saying what is wrong and what is allowed:
-unknown loss names and hyperparameters, a loss that needs a reference with
-reference "none", a mesh that does not match the devices, a batch that does
-not split over the data-parallel devices or into micro-batches, data columns
-a loss needs but the data lacks.
+configs/README.md lists every key with its default and meaning (generated from
+`trainer_config()` by prefjax.train.config_reference).
+
+`check_keys(config, source)` refuses keys that `trainer_config()` lacks (a
+misspelled key in a config file would otherwise be a new key, silently
+ignored), with a did-you-mean. `validate(config)` checks everything that can be
+checked without a device program, and raises ConfigError saying what is wrong
+and what is allowed: unknown keys, loss names and hyperparameters, a loss that
+needs a reference with reference "none", a mesh that does not match the
+devices, a batch that does not split over the data-parallel devices or into
+micro-batches, the data pipeline's settings (truncation limits against
+data.max_len, modes, buckets, packing, on_error, format, field names), the
+optimizer section, data columns a loss needs but the data lacks.
+`check_data_files` finds missing local data files (prefjax.main calls it before building the
+model); `check_length_against_model` compares data.max_len with the model's trained
+context once the model config is known.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+import os
+from typing import Any, Iterator, Optional
 
 import jax
 import ml_collections
 
-from prefjax import roles
-from prefjax.data import records
+from prefjax import roles, suggest
+from prefjax.data import packing, readers, records, sources, truncation
 from prefjax.losses import registry, types
-from prefjax.models.config import PRESETS
+from prefjax.models.config import PRESETS, ModelConfig
 from prefjax.train import optim
 
 ConfigDict = ml_collections.ConfigDict
 NONFINITE_MODES = ("stop", "skip")
+# data.on_error: "error" stops at a bad row; "skip" counts and skips it ("drop" is the older name of skip).
+ON_ERROR_MODES = ("error", "skip", "drop")
+KEY_REFERENCE = "configs/README.md"  # where every key is listed (prefjax.train.config_reference)
 DATA_KINDS = {types.PairLogps: "pair", types.UnpairedLogps: "unpaired", types.ListLogps: "ranked",
               types.RewardPair: "pair", types.RatedResponses: "ranked"}
 
@@ -35,12 +49,16 @@ class ConfigError(ValueError):
 
 
 def trainer_config() -> ConfigDict:
-    """Every key the trainer reads, with defaults (a tiny CPU run on synthetic data)."""
+    """Every key the trainer reads, with defaults (a tiny CPU run on synthetic data).
+
+    Each key's comment (on its line, or the comment lines just above it) is its entry in the
+    generated key reference, configs/README.md (`python -m prefjax.train.config_reference --write`).
+    """
     c = ConfigDict()
-    c.job = "train"
-    c.seed = 0
-    c.total_steps = 20
-    c.grad_accum = 1
+    c.job = "train"  # "train" runs this trainer; "quickstart" is configs/quickstart.py's job
+    c.seed = 0  # model initialisation, data order and synthetic data
+    c.total_steps = 20  # optimizer steps of the run (a resumed run continues to this count)
+    c.grad_accum = 1  # micro-batches per step (data.batch_size must divide by it)
     c.on_nonfinite = "stop"  # "stop": end the run with a message; "skip": drop the batch, count it
 
     c.model = ConfigDict(dict(
@@ -48,19 +66,28 @@ def trainer_config() -> ConfigDict:
         # a Hugging Face checkpoint to start from: a local folder (config.json, safetensors, tokenizer)
         # or a Hub model id "owner/name" or "owner/name@revision" (downloaded through huggingface_hub)
         hf_folder="",
-        param_dtype="float32", dtype="float32", remat="none", attention_impl=None,
+        param_dtype="float32",  # parameter storage dtype: "float32" or "bfloat16"
+        dtype="float32",  # compute dtype: "float32" or "bfloat16"
+        remat="none",  # rematerialisation per layer: none | full | dots_saveable | dots_with_no_batch_dims_saveable
+        attention_impl=None,  # None (chosen per platform) | fused | blocked | flash | xla | cudnn | splash
         attention_block_size=0,  # queries per block of the CPU attention paths; 0 = measured default
     ))
     c.model.attention_impl = ml_collections.FieldReference(None, field_type=str)
-    c.lora = ConfigDict(dict(enabled=False, rank=8, alpha=16.0, targets=("attn/(q|k|v|o)$", "mlp/(gate|up|down)$"),
-                             rslora=False))
-    c.loss_name = "dpo"
+    c.lora = ConfigDict(dict(
+        enabled=False,  # train low-rank adapters instead of every weight
+        rank=8,  # adapter rank
+        alpha=16.0,  # adapter scale numerator (scale = alpha / rank, or alpha / sqrt(rank) with rslora)
+        targets=("attn/(q|k|v|o)$", "mlp/(gate|up|down)$"),  # regexes over the weights' paths that get adapters
+        rslora=False,  # rank-stabilised scaling alpha / sqrt(rank)
+    ))
+    c.loss_name = "dpo"  # a registered loss (README's loss table); switching it resets config.loss
     c.loss = ConfigDict()  # the loss's hyperparameters; unset ones take the paper defaults
     c.reference = ConfigDict(dict(
         kind="auto",  # auto (what the loss needs) | frozen | lora (base, adapters off) | precomputed | none
         dtype="",  # "" = the policy's param dtype; e.g. "bfloat16" halves its memory
         refresh="none",  # none | soft (TR-DPO alpha mix-in) | hard (copy; previous iterate)
-        refresh_every=1, alpha=0.5,
+        refresh_every=1,  # steps between reference refreshes
+        alpha=0.5,  # soft refresh: reference <- alpha * policy + (1 - alpha) * reference
     ))
     c.data = ConfigDict(dict(
         # "synthetic", or files / a TFDS dir / "tfds:<builder>[/<config>]" / a Hub dataset
@@ -74,36 +101,52 @@ def trainer_config() -> ConfigDict:
         fields=ConfigDict({name: "" for name in records.FIELD_NAMES}),  # canonical name -> your column ("" = same)
         tokenizer="",  # tokenizer folder or Hub id when the model is a preset ("" = the model's hf_folder)
         batch_size=8,  # global examples per step (all processes together)
-        max_len=64,
+        max_len=64,  # most tokens of prompt + one response; longer examples are truncated
         pack=False,  # several sequences per row (segment ids); real data only
         # packed rows per process and step (each step holds pack_rows x row_length tokens per process)
         pack_rows=ml_collections.FieldReference(None, field_type=int),
-        row_length=ml_collections.FieldReference(None, field_type=int),  # None: max_len
+        row_length=ml_collections.FieldReference(None, field_type=int),  # packed row length; None: max_len
         pack_overflow="error",  # an example that finds no room: "error", or "drop" (weight 0, counted)
         fill_rows=False,  # with pack: batches take examples until the rows are full (batch_size = the most)
         share_prefix=False,  # one row per example: prompt once, then every response (prefjax.data.prefix_sharing)
-        buckets=64,
-        max_prompt_len=ml_collections.FieldReference(None, field_type=int),
-        max_response_len=ml_collections.FieldReference(None, field_type=int),
-        prompt_mode="keep_end", response_mode="keep_start",
-        num_epochs=ml_collections.FieldReference(None, field_type=int),  # None: repeat forever
-        shuffle=True, label_noise=0.0, on_error="error",
+        buckets=64,  # unpacked row lengths: a multiple (int), "pow2", a list of lengths, or None (max_len only)
+        max_prompt_len=ml_collections.FieldReference(None, field_type=int),  # prompt token limit; None: no limit
+        max_response_len=ml_collections.FieldReference(None, field_type=int),  # response token limit; None: no limit
+        prompt_mode="keep_end",  # a prompt over its limit: keep_end | keep_start | drop (the example)
+        response_mode="keep_start",  # a response over its limit: keep_start | keep_end | drop (the example)
+        num_epochs=ml_collections.FieldReference(None, field_type=int),  # passes over the data; None: repeat forever
+        shuffle=True,  # shuffle the examples (seeded)
+        label_noise=0.0,  # fraction of examples whose preference is flipped (robustness experiments)
+        on_error="error",  # a row that cannot be read or tokenized: "error" stops; "skip" (or "drop") counts it
         num_responses=2,  # synthetic data only: responses per example for ranked losses
         synthetic_pool=4,  # synthetic data only: distinct batches cycled (0 = fresh random pairs every step)
     ))
-    c.optimizer = optim.default_config()
-    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.optimizer = optim.default_config()  # the optax chain and its schedule (prefjax.train.optim)
+    c.mesh = ConfigDict(dict(
+        data=-1,  # data-parallel devices (-1: the devices the other axes leave)
+        fsdp=1,  # devices the weights are sharded over (also data-parallel)
+        tensor=1,  # devices each layer's matmuls are split over
+    ))
     c.sharding_rules = ml_collections.FieldReference(None, field_type=list)  # None: prefjax.sharding.DEFAULT_RULES
-    c.distributed = ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1))
-    # export_dir: where the Hugging Face export goes ("" = <workdir>/hf_export)
-    # allow_config_change: resume a workdir whose checkpointed config differs from this one
-    c.checkpoint = ConfigDict(dict(every=10, keep=3, async_save=True, export_hf=True, export_dtype="", export_dir="",
-                                   allow_config_change=False))
-    c.log_every = 1
+    c.distributed = ConfigDict(dict(
+        coordinator_address="",  # "host:port" of process 0 for multi-host runs ("" = one host, or the TPU pod's)
+        num_processes=0,  # processes in the run (0 = from the environment)
+        process_id=-1,  # this process's index (-1 = from the environment)
+    ))
+    c.checkpoint = ConfigDict(dict(
+        every=10,  # steps between checkpoints
+        keep=3,  # checkpoints kept
+        async_save=True,  # write checkpoints in the background
+        export_hf=True,  # write a Hugging Face folder at the end
+        export_dtype="",  # dtype of the exported weights ("" = param dtype)
+        export_dir="",  # where the Hugging Face export goes ("" = <workdir>/hf_export)
+        allow_config_change=False,  # resume a workdir whose checkpointed config differs from this one
+    ))
+    c.log_every = 1  # steps between metric lines
     c.eval_every = 0  # 0: evaluate only at the end (when there is eval data)
-    c.eval_batches = 4
+    c.eval_batches = 4  # batches per evaluation of synthetic eval data
     c.logprob_chunk = 256  # positions per log-prob tile
-    c.vocab_chunk = ml_collections.FieldReference(None, field_type=int)
+    c.vocab_chunk = ml_collections.FieldReference(None, field_type=int)  # vocabulary entries per tile; None: all
     # Most tokens (rows on one device x positions) per log-prob tile; None: logprob_chunk alone.
     c.logprob_tile_tokens = ml_collections.FieldReference(512, field_type=int)
     c.peak_flops = 0.0  # 0: datasheet (TPU/GPU) or a one-off measurement (CPU)
@@ -117,15 +160,80 @@ def _fail(message: str) -> None:
 def validate(config: ConfigDict, num_devices: Optional[int] = None) -> None:
     """Raises ConfigError for a config the trainer cannot run (see module docstring)."""
     num_devices = jax.device_count() if num_devices is None else num_devices
+    check_keys(config)
     _check_choice("on_nonfinite", config.on_nonfinite, NONFINITE_MODES)
     _check_loss(config)
     _check_reference(config)
     _check_model(config)
     _check_mesh_and_batch(config, num_devices)
     _check_packing(config, num_devices)
+    _check_data(config)
     if config.total_steps < 1:
         _fail(f"total_steps={config.total_steps} must be >= 1")
+    _check_optimizer(config)
     _check_tiles(config)
+
+
+def leaf_paths(config: ConfigDict, prefix: str = "") -> Iterator[str]:
+    """Dotted paths of the config's leaves ("data.max_len", ...), in order."""
+    for key, value in config.items():
+        if isinstance(value, ConfigDict):
+            yield from leaf_paths(value, f"{prefix}{key}.")
+        else:
+            yield prefix + key
+
+
+def _unknown_paths(config: ConfigDict, schema: ConfigDict, prefix: str = "") -> Iterator[str]:
+    for key, value in config.items():
+        path = prefix + key
+        if path == "loss":  # the chosen loss's hyperparameters: checked against the loss (_check_loss)
+            continue
+        if key not in schema:
+            yield path
+        elif isinstance(value, ConfigDict) and isinstance(schema[key], ConfigDict):
+            yield from _unknown_paths(value, schema[key], path + ".")
+
+
+def unknown_keys_message(keys: list[str], valid: list[str], source: str) -> str:
+    """"<source>: unknown key a.b (did you mean a.c?)", and where the valid keys are listed."""
+    described = ", ".join(key + suggest.did_you_mean(key, valid) for key in keys)
+    return (f"{source}: unknown key{'s' if len(keys) > 1 else ''} {described}\n"
+            f"every key, its default and meaning: {KEY_REFERENCE}")
+
+
+def check_keys(config: ConfigDict, source: str = "config") -> None:
+    """ConfigError naming every key of `config` that trainer_config() lacks, with a did-you-mean.
+
+    `source` names where the config came from (the config file) in the message.
+    """
+    schema = trainer_config()
+    unknown = list(_unknown_paths(config, schema))
+    if unknown:
+        _fail(unknown_keys_message(unknown, list(leaf_paths(schema)), source))
+
+
+def nullable_keys() -> frozenset[str]:
+    """The trainer keys that may be None (a None default, or a typed placeholder such as data.max_prompt_len)."""
+    def walk(node: ConfigDict, prefix: str) -> Iterator[str]:
+        for key, value in node.items(preserve_field_references=True):
+            if isinstance(value, ConfigDict):
+                yield from walk(value, f"{prefix}{key}.")
+            elif value is None or isinstance(value, ml_collections.FieldReference):
+                yield prefix + key
+    return frozenset(walk(trainer_config(), ""))
+
+
+def check_length_against_model(config: ConfigDict, model_cfg: ModelConfig) -> Optional[str]:
+    """A one-line warning when data.max_len exceeds the context the model was trained for, else None.
+
+    Positions past max_position_embeddings are outside what the model saw in pre-training (its
+    RoPE frequencies were never trained there), so its outputs there are unreliable.
+    """
+    limit = model_cfg.max_position_embeddings
+    if config.data.max_len > limit:
+        return (f"data.max_len={config.data.max_len} exceeds the model's max_position_embeddings={limit} "
+                "(the longest context it was trained on); quality past that length is not to be trusted")
+    return None
 
 
 def _check_tiles(config: ConfigDict) -> None:
@@ -139,19 +247,116 @@ def _check_tiles(config: ConfigDict) -> None:
                   + (" or None (no limit)" if optional else ""))
 
 
+def _check_optimizer(config: ConfigDict) -> None:
+    """The optimizer section, as prefjax.train.optim will read it (builds no device program)."""
+    try:
+        optim.make_optimizer(config.optimizer, config.total_steps)
+    except ValueError as err:
+        raise ConfigError(f"optimizer: {err}") from None
+
+
+def _check_data(config: ConfigDict) -> None:
+    """The data pipeline's settings, checked here rather than when the first batch is built."""
+    data = config.data
+    if not isinstance(data.max_len, int) or data.max_len < 2:
+        _fail(f"data.max_len={data.max_len!r} must be an integer >= 2 (tokens of prompt + one response)")
+    if not isinstance(data.batch_size, int) or data.batch_size < 1:
+        _fail(f"data.batch_size={data.batch_size!r} must be a positive integer")
+    limits = (("max_prompt_len", "below", lambda v: v < data.max_len),
+              ("max_response_len", "at most", lambda v: v <= data.max_len))
+    for key, relation, fits in limits:
+        value = data[key]
+        if value is None:
+            continue
+        if not isinstance(value, int) or value < 1:
+            _fail(f"data.{key}={value!r} must be a positive number of tokens, or None (no limit)")
+        if not fits(value):
+            _fail(f"data.{key}={value} must be {relation} data.max_len={data.max_len} (prompt + one response "
+                  f"fit in max_len); lower it or raise data.max_len")
+    _check_choice("data.prompt_mode", data.prompt_mode, truncation.MODES)
+    _check_choice("data.response_mode", data.response_mode, truncation.MODES)
+    _check_choice("data.on_error", data.on_error, ON_ERROR_MODES)
+    try:
+        packing.bucket_lengths(data.max_len, tuple(data.buckets) if isinstance(data.buckets, list) else data.buckets)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"data.buckets={data.buckets!r}: {err}") from None
+    if data.num_epochs is not None and data.num_epochs < 1:
+        _fail(f"data.num_epochs={data.num_epochs} must be >= 1, or None (repeat until total_steps)")
+    if not 0.0 <= data.label_noise <= 1.0:
+        _fail(f"data.label_noise={data.label_noise} must be a fraction in [0, 1]")
+    _check_tokenizer(config)
+    for name, column in data.fields.items():
+        if not isinstance(column, str):
+            _fail(f"data.fields.{name}={column!r} must be a column name (a string; \"\" = the column {name!r})")
+    _check_format(data.format)
+
+
+def _check_tokenizer(config: ConfigDict) -> None:
+    """Text data (anything but synthetic batches) needs a tokenizer."""
+    for key in ("source", "eval_source"):
+        spec = config.data[key]
+        if spec not in ("", "synthetic") and not (config.model.hf_folder or config.data.tokenizer):
+            _fail(f"data.{key}={spec!r} is text: set model.hf_folder (a model with its tokenizer) or data.tokenizer")
+
+
+def check_data_files(config: ConfigDict) -> None:
+    """ConfigError when data.source / data.eval_source name local files that do not exist.
+
+    prefjax.main calls it before the model is built (train.run would find out only when it opens
+    the data); Hub and TFDS sources and directories are checked when they are opened.
+    """
+    for key in ("source", "eval_source"):
+        spec = config.data[key]
+        if spec in ("", "synthetic") or spec.startswith((sources.HUB_PREFIX, sources.TFDS_PREFIX)):
+            continue
+        if os.path.isdir(spec):
+            continue
+        try:
+            readers.expand_paths(spec)
+        except FileNotFoundError as err:
+            raise ConfigError(f"data.{key}: {err}") from None
+
+
+def _check_format(name: str) -> None:
+    """data.format against prefjax.data.formats (which names the formats and suggests the closest)."""
+    try:
+        from prefjax.data import formats  # pylint: disable=import-outside-toplevel
+    except ModuleNotFoundError as err:  # a tree without prefjax.data.formats: the readers detect the format
+        if err.name != "prefjax.data.formats":
+            raise
+        return
+    try:
+        formats.check_format(name)
+    except ValueError as err:
+        raise ConfigError(f"data.format: {err}") from None
+
+
 def _check_choice(key: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         _fail(f"{key}={value!r} is not allowed; choose one of {list(allowed)}")
 
 
+def check_loss_name(name: str, key: str = "loss_name") -> None:
+    """ConfigError for a name the loss registry lacks, with a did-you-mean."""
+    if name not in registry.names():
+        hint = suggest.did_you_mean(name, registry.names())
+        _fail(f"{key}={name!r} is not a registered loss{hint}; registered: {', '.join(registry.names())}")
+
+
+def check_loss_hparams(loss_name: str, names: Any, source: str = "config.loss") -> None:
+    """ConfigError for hyperparameter names that loss `loss_name` does not take, with a did-you-mean."""
+    defaults = registry.get(loss_name).hparam_defaults
+    unknown = [name for name in names if name not in defaults]
+    if unknown:
+        described = ", ".join(name + suggest.did_you_mean(name, defaults) for name in unknown)
+        valid = ", ".join(f"{k}={v!r}" for k, v in defaults.items()) or "none"
+        _fail(f"{source}: loss {loss_name!r} has no hyperparameter {described}; its hyperparameters "
+              f"(paper defaults): {valid}")
+
+
 def _check_loss(config: ConfigDict) -> None:
-    if config.loss_name not in registry.names():
-        _fail(f"loss_name={config.loss_name!r} is not a registered loss; registered: {registry.names()}")
-    spec = registry.get(config.loss_name)
-    try:
-        spec.check_hparams(config.loss.to_dict())
-    except TypeError as err:
-        raise ConfigError(f"config.loss: {err}") from None
+    check_loss_name(config.loss_name)
+    check_loss_hparams(config.loss_name, list(config.loss.keys()))
 
 
 def _check_reference(config: ConfigDict) -> None:

@@ -1,23 +1,35 @@
 """The training loop: run(config, workdir). Rerunning the same command resumes.
 
-    validate -> mesh -> model, roles, optimizer, state (prefjax.train.setup)
+    validate -> a checkpoint's config checked against this one (prefjax.train.resume)
+             -> mesh -> model, roles, optimizer, state (prefjax.train.setup)
              -> batch source (dataset stream, with cached reference log-probs when precomputed)
              -> restore the latest checkpoint (state and data position)
+             -> start-up report, printed and written to summary.json (prefjax.train.startup)
              -> loop: step, metrics one step late, NaN policy, checkpoints, preemption, evals
              -> final checkpoint, evaluation and Hugging Face export
 
 Everything the loop needs travels in one `Run` value; the per-step bookkeeping
 (FLOPs, MFU, NaN policy, logging) is a `StepReporter`.
+
+The train step is compiled ahead of time, once per batch shape (`CompiledStep`), and its
+compile time is reported apart ("compiled train step in 2.3 s", summary key
+compile_seconds); step time, tokens/s and MFU exclude it, and checkpoint saves and
+evaluations too (prefjax.train.metrics.StepTimer).
+
+Data that ends before total_steps (a finite data.num_epochs) stops the run with
+DataExhaustedError; data with nothing to train on stops it at start-up with
+prefjax.data.pipeline.PipelineEmptyError (never a hang).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import jax
 import ml_collections
@@ -26,6 +38,7 @@ from jax.sharding import Mesh
 
 from prefjax import roles, sharding
 from prefjax.batch import Batch
+from prefjax.data import pipeline as pipeline_lib
 from prefjax.data import streams
 from prefjax.losses import registry
 from prefjax.train import (
@@ -36,6 +49,8 @@ from prefjax.train import (
     loss_inputs,
     preemption,
     reference_cache,
+    resume,
+    startup,
     steps,
 )
 from prefjax.train import metrics as metrics_lib
@@ -48,6 +63,10 @@ logger = logging.getLogger(__name__)
 
 class NonFiniteLossError(RuntimeError):
     """A step produced a NaN/Inf loss or gradient and the config says to stop."""
+
+
+class DataExhaustedError(config_lib.ConfigError):
+    """The training data ended before total_steps (a finite data.num_epochs)."""
 
 
 @dataclasses.dataclass
@@ -66,6 +85,7 @@ class Run:
     ckpt: checkpoint.Checkpointer
     writer: metrics_lib.MetricsWriter
     evaluator: Optional[evaluation.Evaluator]
+    report: dict[str, Any] = dataclasses.field(default_factory=dict)  # the start-up report
 
     def metadata(self) -> dict[str, Any]:
         """The checkpoint's metadata: the data position and the config."""
@@ -78,7 +98,8 @@ class Run:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, source: Optional[BatchSource] = None) -> dict[str, Any]:
-    """Trains (or resumes) under `workdir`; returns a summary dict (also written to summary.json).
+    """Trains (or resumes) under `workdir`; returns a summary dict (also written to summary.json,
+    whose "startup" section is written before the first step).
 
     `source` replaces the dataset stream of `config.data.source` (any BatchSource: e.g. an
     online sampler); its position is checkpointed like the stream's.
@@ -87,8 +108,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, source: Optional[Bat
     workdir_path = Path(workdir)
     workdir_path.mkdir(parents=True, exist_ok=True)
     chief = jax.process_index() == 0
-    if chief:
-        (workdir_path / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
     mesh = sharding.make_mesh(config.mesh.to_dict())
     rules = None if config.sharding_rules is None else tuple(tuple(r) for r in config.sharding_rules)
     with sharding.use_mesh(mesh, rules):
@@ -97,24 +116,55 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, source: Optional[Bat
             summary = _train(current)
         finally:
             current.source.close()
+    pipe = startup.find_pipeline(current.source)
+    if pipe is not None:
+        summary["data"] = pipe.stats()  # this process's counts over the run: truncated, dropped, padding
+    summary["startup"] = current.report
     if chief:
-        (workdir_path / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        (workdir_path / startup.SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
 
 
 def _start(config: ml_collections.ConfigDict, workdir: Path, mesh: Mesh, rules: Any,
            source: Optional[BatchSource]) -> Run:
-    """Model, data, roles, state; the latest checkpoint restored when there is one."""
+    """Model, data, roles, state; the latest checkpoint restored when there is one. What it
+    opened is closed again when it fails (a refused config, data with nothing to train on)."""
+    ckpt = checkpoint.Checkpointer(str(workdir / "checkpoints"), keep=config.checkpoint.keep,
+                                   save_every=config.checkpoint.every, async_save=config.checkpoint.async_save)
+    opened: list[Any] = [ckpt]
+    try:
+        return _open(config, workdir, mesh, rules, source, ckpt, opened)
+    except BaseException:
+        for thing in reversed(opened):
+            thing.close()
+        raise
+
+
+def _open(config: ml_collections.ConfigDict, workdir: Path, mesh: Mesh, rules: Any, source: Optional[BatchSource],
+          ckpt: checkpoint.Checkpointer, opened: list[Any]) -> Run:
+    """_start's work; everything it opens is appended to `opened`."""
+    chief = jax.process_index() == 0
+    latest = ckpt.latest_step()
+    notes: list[str] = []
+    if latest is not None:  # checked before anything is built: a refused rerun fails at once
+        old = ckpt.metadata(latest).get("config")
+        if old:
+            notes = resume.check_config(old, config, latest, where=str(ckpt.directory))
+    if chief:
+        resume.archive_config(workdir, config, latest or 0)
     kind = config_lib.data_kind(config.loss_name)
     model = setup_lib.build_model(config, mesh, rules)
     cfg, tokenizer = model[0], model[3]
     if source is not None and setup_lib.reference_role(config).kind == "precomputed":
         raise config_lib.ConfigError("reference.kind='precomputed' computes its cache from data.source; a run "
                                      "given its own batch source needs a reference that runs in the step")
-    if source is None:
-        source = streams.make_stream(config, config.data.source, kind=kind, vocab_size=cfg.vocab_size,
-                                     tokenizer=tokenizer, train=True)
-    first = next(source)
+    label = f"data.source={config.data.source!r}" if source is None else f"the {type(source).__name__}"
+    with _naming_the_source(label):
+        if source is None:
+            source = streams.make_stream(config, config.data.source, kind=kind, vocab_size=cfg.vocab_size,
+                                         tokenizer=tokenizer, train=True)
+        opened.append(source)
+        first = _next_batch(source, config, current_step=latest or 0)
     columns = loss_inputs.Columns.present_in(first)
     _check_columns(config, columns)
     setup = setup_lib.build(config, mesh, rules, model=model, columns=columns)
@@ -129,10 +179,7 @@ def _start(config: ml_collections.ConfigDict, workdir: Path, mesh: Mesh, rules: 
     if config.data.eval_source:
         evaluator = evaluation.Evaluator(config, setup, mesh, rules, cache=eval_cache)
 
-    ckpt = checkpoint.Checkpointer(str(workdir / "checkpoints"), keep=config.checkpoint.keep,
-                                   save_every=config.checkpoint.every, async_save=config.checkpoint.async_save)
-    state, start = setup.state, 0
-    latest = ckpt.latest_step()
+    state, start, inspected = setup.state, 0, first
     if latest is not None:
         abstract = setup_lib.abstract_state(setup, state)
         state, meta = ckpt.restore(latest, abstract, data_iterator=source.data_iterator)
@@ -140,9 +187,39 @@ def _start(config: ml_collections.ConfigDict, workdir: Path, mesh: Mesh, rules: 
         start = latest
         logger.info("resumed from %s at step %d", ckpt.directory, start)
         first = None  # the restored stream position decides the next batch
-    writer = metrics_lib.MetricsWriter(str(workdir), enabled=jax.process_index() == 0)
-    writer.truncate_after(start)
-    return Run(config, workdir, mesh, rules, setup, source, state, start, first, ckpt, writer, evaluator)
+    writer = metrics_lib.MetricsWriter(str(workdir), enabled=chief)
+    writer.truncate_after(start)  # metrics.jsonl and TensorBoard forget the steps this run redoes
+    report = startup.collect(config, workdir=workdir, mesh=mesh, setup=setup, source=source, state=state,
+                             first=inspected, start=start, notes=tuple(notes))
+    if chief:
+        print(startup.render(report), flush=True)
+        startup.write(workdir, report)
+    return Run(config, workdir, mesh, rules, setup, source, state, start, first, ckpt, writer, evaluator, report)
+
+
+@contextlib.contextmanager
+def _naming_the_source(label: str) -> Iterator[None]:
+    """PipelineEmptyError raised while opening the data, with the data's name in front."""
+    try:
+        yield
+    except pipeline_lib.PipelineEmptyError as err:
+        raise pipeline_lib.PipelineEmptyError(f"{label}: {err}", err.counts) from None
+
+
+def _next_batch(source: BatchSource, config: ml_collections.ConfigDict, current_step: int) -> Batch:
+    """The source's next batch; a source that has ended is DataExhaustedError, not StopIteration."""
+    try:
+        return next(source)
+    except StopIteration:
+        pipe = startup.find_pipeline(source)
+        per_pass = ""
+        if pipe is not None and pipe.batches_per_process is not None:
+            count = pipe.batches_per_process
+            per_pass = f" ({count} batch{'es' if count != 1 else ''} for data.num_epochs={config.data.num_epochs})"
+        raise DataExhaustedError(
+            f"data.source={config.data.source!r} has no batch left for step {current_step + 1} of "
+            f"total_steps={config.total_steps}{per_pass}: set data.num_epochs=None to repeat the data, or "
+            f"total_steps={current_step}") from None
 
 
 def _check_columns(config: ml_collections.ConfigDict, columns: loss_inputs.Columns) -> None:
@@ -199,8 +276,50 @@ class StepReporter:
         if self.progress is not None:
             self.progress.update(step, values)
 
+    def compiled(self, seconds: float, batch: Batch, programs: int) -> None:
+        """Says (once per program) how long compiling the train step took; the progress line's
+        s/step and ETA leave it out too."""
+        if self.progress is not None:
+            self.progress.exclude(seconds)
+        if jax.process_index() != 0:
+            return
+        if programs == 1:
+            print(f"compiled train step in {seconds:.1f} s", flush=True)
+        else:
+            print(f"compiled train step for {batch.layout} rows {batch.tokens.shape[0]} x {batch.length} in "
+                  f"{seconds:.1f} s ({programs} programs)", flush=True)
+
     def final(self) -> dict[str, float]:
         return {f"final/{k}": float(v) for k, v in self.history.items() if isinstance(v, (int, float))}
+
+
+class CompiledStep:
+    """The jitted train step compiled ahead of time (lower + compile), one program per batch
+    shape, so that compiling is timed apart from stepping: a step never waits for a compile."""
+
+    def __init__(self, jitted: Any):
+        self.jitted = jitted
+        self.programs: dict[Any, Any] = {}
+        self.seconds = 0.0
+
+    @staticmethod
+    def _key(batch: Batch) -> Any:
+        leaves, treedef = jax.tree.flatten(batch)
+        return treedef, tuple((tuple(x.shape), str(x.dtype)) for x in leaves)
+
+    def ready(self, batch: Batch) -> bool:
+        return self._key(batch) in self.programs
+
+    def compile(self, state: TrainState, fixed: Any, batch: Batch) -> float:
+        """Compiles the program for `batch`'s shapes; returns the seconds it took."""
+        begin = time.perf_counter()
+        self.programs[self._key(batch)] = self.jitted.lower(state, fixed, batch).compile()
+        seconds = time.perf_counter() - begin
+        self.seconds += seconds
+        return seconds
+
+    def __call__(self, state: TrainState, fixed: Any, batch: Batch) -> tuple[TrainState, Any]:
+        return self.programs[self._key(batch)](state, fixed, batch)
 
 
 def _train(current: Run) -> dict[str, Any]:
@@ -209,39 +328,53 @@ def _train(current: Run) -> dict[str, Any]:
     total = config.total_steps
     reporter = StepReporter(current)
     late = metrics_lib.OneStepLate()
-    step_fn = None
+    timer = metrics_lib.StepTimer()
+    step_fn: Optional[CompiledStep] = None
+    held: dict[int, Batch] = {}  # each dispatched step's local batch, until its metrics are reported
+
+    def report(fetched: Optional[tuple[int, dict[str, float]]]) -> None:
+        if fetched is not None:  # lap now: the step's metrics have just reached the host
+            reporter.report(fetched, timer.lap(), held.pop(fetched[0]))
+
+    def compile_stats() -> dict[str, Any]:
+        return dict(compile_seconds=step_fn.seconds if step_fn else 0.0,
+                    compiled_programs=len(step_fn.programs) if step_fn else 0)
+
     evals: dict[str, float] = {}
-    last_time = time.perf_counter()
-    local = None
     watcher = preemption.PreemptionWatcher()
     with watcher:
         for step in range(current.start, total):
-            local = current.first if current.first is not None else next(current.source)
+            local = current.first if current.first is not None else _next_batch(current.source, config, step)
             current.first = None
             batch = local.to_global(current.mesh, current.rules, current.source.pad_id)
             if step_fn is None:
-                step_fn = steps.jit_train_step(setup.spec, setup.model, setup.tx, setup.schedule,
-                                               setup.state_shardings, setup.fixed_shardings,
-                                               jax.tree.map(lambda x: x.sharding, batch), setup.replicated)
+                step_fn = CompiledStep(steps.jit_train_step(setup.spec, setup.model, setup.tx, setup.schedule,
+                                                            setup.state_shardings, setup.fixed_shardings,
+                                                            jax.tree.map(lambda x: x.sharding, batch),
+                                                            setup.replicated))
+            if not step_fn.ready(batch):
+                with timer.excluded(late.wait):
+                    seconds = step_fn.compile(current.state, setup.fixed, batch)
+                reporter.compiled(seconds, local, len(step_fn.programs))
             current.state, device_metrics = step_fn(current.state, setup.fixed, batch)
-            now = time.perf_counter()
-            reporter.report(late.push(step + 1, device_metrics), now - last_time, local)
-            last_time = now
+            held[step + 1] = local
+            report(late.push(step + 1, device_metrics))
             done = step + 1
-            if done < total:
-                current.save(done)
+            if done < total and current.ckpt.should_save(done):
+                with timer.excluded(late.wait):
+                    current.save(done)
             if watcher.requested(done):
-                reporter.report(late.flush(), time.perf_counter() - last_time, local)
+                report(late.flush())
                 current.save(done, force=True)
                 current.ckpt.close()
                 current.writer.close()
                 logger.warning("preempted (%s): saved step %d; rerun the same command to resume",
                                watcher.reason(), done)
-                return dict(step=done, preempted=True, **reporter.final())
+                return dict(step=done, preempted=True, **compile_stats(), **reporter.final())
             if current.evaluator is not None and config.eval_every and done % config.eval_every == 0:
-                evals = current.evaluator.evaluate(current.state, done, current.writer)
-        if local is not None:
-            reporter.report(late.flush(), time.perf_counter() - last_time, local)
+                with timer.excluded(late.wait):
+                    evals = current.evaluator.evaluate(current.state, done, current.writer)
+        report(late.flush())
     current.save(total, force=True)
     if current.evaluator is not None:
         evals = current.evaluator.evaluate(current.state, total, current.writer)
@@ -250,7 +383,8 @@ def _train(current: Run) -> dict[str, Any]:
     exported = export.export_policy(config, setup, current.state, current.workdir) \
         if config.checkpoint.export_hf else None
     return dict(step=total, preempted=False, skipped_steps=reporter.skipped, exported=exported,
-                peak_flops=reporter.peak, peak_flops_source=reporter.peak_source, **reporter.final(), **evals)
+                peak_flops=reporter.peak, peak_flops_source=reporter.peak_source, **compile_stats(),
+                **reporter.final(), **evals)
 
 
 def _peak_flops(config: ml_collections.ConfigDict) -> tuple[float, str]:

@@ -13,6 +13,12 @@
 Steps are counted as steps done (1-based: the record of the first step is
 step 1), the same count a checkpoint is saved under.
 
+Step time (`StepTimer`) is the wall time between two steps' metrics reaching the host,
+less the time spent on work that is not a step (compiling a program, saving a
+checkpoint, evaluating): such work runs inside `timer.excluded(late.wait)`, which first
+waits for the step in flight so that none of the step's own device time is excluded.
+Tokens/s and MFU come from that time, so no step is credited or charged with compilation.
+
 FLOPs count the model's useful arithmetic (see `forward_flops_per_token`), so
 `mfu` is model FLOPs utilisation: work a step needs over what the devices could
 have done in its wall time.
@@ -20,12 +26,13 @@ have done in its wall time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import time
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -223,6 +230,49 @@ class OneStepLate:
             return None
         return previous[0], _to_host(previous[1])
 
+    def wait(self) -> None:
+        """Blocks until the held step's metrics are computed (the step has finished)."""
+        if self._pending is not None:
+            jax.block_until_ready(self._pending[1])
+
+
+# --------------------------------------------------------------------------- step time
+
+class StepTimer:
+    """Wall time per step, without the time of work that is not a step (module docstring).
+
+        timer = StepTimer()                      # the first step's time starts now
+        with timer.excluded(late.wait):          # compile / checkpoint / evaluate
+            ...
+        seconds = timer.lap()                    # when a step's metrics arrive on the host
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+        self._clock = clock
+        self._last = clock()
+        self._excluded = 0.0
+        self.excluded_total = 0.0
+
+    def lap(self) -> float:
+        """Seconds since the previous lap (or the start), less the excluded time in between."""
+        now = self._clock()
+        seconds = now - self._last - self._excluded
+        self._last, self._excluded = now, 0.0
+        return max(seconds, 1e-9)
+
+    @contextlib.contextmanager
+    def excluded(self, wait: Optional[Callable[[], None]] = None) -> Iterator[None]:
+        """Time inside is not step time; `wait` (e.g. OneStepLate.wait) runs first, counted."""
+        if wait is not None:
+            wait()  # the step in flight finishes on step time, not inside the exclusion
+        start = self._clock()
+        try:
+            yield
+        finally:
+            spent = self._clock() - start
+            self._excluded += spent
+            self.excluded_total += spent
+
 
 # --------------------------------------------------------------------------- FLOPs
 
@@ -253,7 +303,7 @@ def forward_flops_per_token(model_cfg: ModelConfig, seq_len: int) -> float:
     layer, the scores q.k and the weighted sum of v cost 2 * heads * head_dim
     FLOPs each per visible key, i.e. 4 * heads * head_dim * keys. A causal query
     sees (T + 1) / 2 keys on average (fewer on sliding-window layers), so this
-    is about half of docs/performance.md's 4 * L * T * D, which counts every key.
+    is about half of the usual 4 * L * T * D estimate, which counts every key.
     It is the work a causal-aware kernel needs; a dense masked attention does
     the full T x T and will show a lower MFU rather than an inflated one.
     Packed rows are counted as one causal row of seq_len (an upper bound).
@@ -271,7 +321,7 @@ def preference_step_flops(model_cfg: ModelConfig, tokens_per_step: int, seq_len:
 
     Policy: forward + backward = 3 forwards when training (backward ~ 2x
     forward), 1 forward otherwise; plus one forward of a frozen reference when
-    `reference_forward`. That is docs/performance.md's (6N + 2N) per token.
+    `reference_forward`. That is the usual (6N + 2N) per token for N parameters.
     Pass the tokens the step computes (rows x row length, padding included) for
     hardware utilisation, or the real tokens for useful throughput.
     """
@@ -425,6 +475,10 @@ class ProgressBar:
         self._clock = clock
         self._last_step = start_step
         self._last_time = clock()
+
+    def exclude(self, seconds: float) -> None:
+        """Leaves `seconds` of one-off work (compiling) out of the rate and the ETA."""
+        self._last_time += seconds
 
     def update(self, step: int, metrics: Optional[Mapping[str, Any]] = None,
                keys: Optional[Sequence[str]] = None) -> Optional[str]:

@@ -16,7 +16,7 @@ so a step changes a parameter p by -lr(t) * (direction + weight_decay * p).
 
 Optimizer state must be placed like the parameters it shadows: `jax.jit(tx.init)`
 alone leaves scalar counts on one device, which breaks multi-process orbax saves
-and makes the first train step recompile (docs/environment.md). The shardings
+and makes the first train step recompile. The shardings
 here put param-shaped state leaves on their parameter's sharding and every other
 leaf (counts, factored statistics) replicated on the mesh.
 """

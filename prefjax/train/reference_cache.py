@@ -31,7 +31,9 @@ from jax.sharding import Mesh
 
 from prefjax import scoring
 from prefjax.batch import Batch
-from prefjax.data import streams
+from prefjax.data import hub as data_hub
+from prefjax.data import sources, streams
+from prefjax.models import hub
 from prefjax.train.batch_source import BatchSource
 
 logger = logging.getLogger(__name__)
@@ -58,16 +60,24 @@ def fingerprint(config: ml_collections.ConfigDict, train: bool = True) -> str:
     """Hash of everything the cached values of the training (or held-out) data depend on."""
     m, d = config.model, config.data
     data = {k: d[k] for k in ("source", "tokenizer", "max_len", "pack", "buckets", "max_prompt_len",
-                              "max_response_len", "prompt_mode", "response_mode", "label_noise", "num_responses")}
+                              "max_response_len", "prompt_mode", "response_mode", "label_noise", "num_responses",
+                              "split", "format")}
+    data["fields"] = {k: v for k, v in d.fields.items() if v}
+    # Hub ids by the commit they resolved to, not the moving branch name (prefjax.models.hub / data.hub).
+    if d.tokenizer:
+        data["tokenizer"] = hub.identity(d.tokenizer, key="data.tokenizer", weights=False)
     what = {
-        "model": m.hf_folder or {"preset": m.preset, "seed": config.seed},
+        "model": hub.identity(m.hf_folder) if m.hf_folder else {"preset": m.preset, "seed": config.seed},
         "param_dtype": m.param_dtype, "dtype": m.dtype, "reference_dtype": config.reference.dtype,
         "data": data,
         "synthetic_steps": config.total_steps if d.source == "synthetic" else None,
         "loss_kind": config.loss_name if d.source == "synthetic" else None,
     }
     if not train:  # the held-out data: its own source, read once
-        data["source"] = d.eval_source
+        data["source"], data["split"] = d.eval_source, d.eval_split
+    if str(data["source"]).startswith(sources.HUB_PREFIX):
+        data["source"] = data_hub.identity(data["source"], data["split"],
+                                           key="data.source" if train else "data.eval_source")
         what.update(held_out=True, synthetic_steps=config.eval_batches if d.eval_source == "synthetic" else None,
                     loss_kind=config.loss_name if d.eval_source == "synthetic" else None)
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]

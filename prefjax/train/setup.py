@@ -11,6 +11,7 @@ mesh needs.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Optional
 
 import jax
@@ -21,13 +22,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from prefjax import models, roles, scoring
 from prefjax.losses import registry, types
-from prefjax.models import hf_checkpoint
+from prefjax.models import hf_checkpoint, hub
 from prefjax.models import lora as lora_lib
 from prefjax.models.config import ModelConfig
 from prefjax.models.tokenizer import Tokenizer, check_fits_model, load_tokenizer
 from prefjax.train import config_lib, loss_inputs, optim
 from prefjax.train.state import TrainState
 from prefjax.train.steps import StepSpec
+
+log = logging.getLogger(__name__)
 
 REWARD_MODEL_INPUTS = (types.RewardPair, types.RatedResponses)
 
@@ -61,16 +64,18 @@ def _model_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def build_model(config: ml_collections.ConfigDict, mesh: Mesh, rules: Any,
                 ) -> tuple[ModelConfig, Any, Any, Optional[Tokenizer]]:
-    """(model config, graphdef, sharded params, tokenizer) from a preset or a Hugging Face folder."""
+    """(model config, graphdef, sharded params, tokenizer) from a preset or a Hugging Face folder
+    (model.hf_folder / data.tokenizer: a local folder or a Hub id, prefjax.models.hub)."""
     m = config.model
     if m.hf_folder:
-        ckpt = hf_checkpoint.load(m.hf_folder, mesh=mesh, rules=rules, **_model_overrides(config))
+        folder = hub.local_folder(m.hf_folder, key="model.hf_folder")
+        ckpt = hf_checkpoint.load(folder, mesh=mesh, rules=rules, **_model_overrides(config))
         return ckpt.cfg, ckpt.graphdef, ckpt.params, ckpt.tokenizer
     cfg = models.get_preset(m.preset, **_model_overrides(config))
     graphdef, params = models.init_params(cfg, seed=config.seed, mesh=mesh, rules=rules)
     tokenizer = None
     if config.data.tokenizer:
-        tokenizer = load_tokenizer(config.data.tokenizer)
+        tokenizer = load_tokenizer(hub.local_folder(config.data.tokenizer, key="data.tokenizer", weights=False))
         check_fits_model(tokenizer, cfg.vocab_size)
     return cfg, graphdef, params, tokenizer
 
@@ -111,6 +116,9 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, rules: Any, *, columns:
     """The run's pieces; `model` is build_model's result when the caller already has it;
     `create_state=False` leaves `state` None (a restore will provide it)."""
     cfg, graphdef, params, tokenizer = build_model(config, mesh, rules) if model is None else model
+    too_long = config_lib.check_length_against_model(config, cfg)
+    if too_long:
+        log.warning(too_long)
     _, _, axes = models.abstract(cfg)
     spec = step_spec(config, columns)
     tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)

@@ -22,6 +22,10 @@ def bot(text: str) -> dict[str, str]:
     return {"role": "assistant", "content": text}
 
 
+def system(text: str) -> dict[str, str]:
+    return {"role": "system", "content": text}
+
+
 def same(a: Any, b: Any) -> bool:
     """Equal as JSON (key order ignored; NaN-free values)."""
     return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)

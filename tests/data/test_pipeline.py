@@ -23,10 +23,12 @@ from prefjax.data.batching import build_batch
 from prefjax.data.pipeline import (
     DataConfig,
     Pipeline,
+    PipelineEmptyError,
     iterate_global,
 )
 from prefjax.data.tokenize import PreprocessError, tokenize_example
 from prefjax.models.tokenizer import load_tokenizer
+from tests.deadline import run_within
 
 TOKENIZER = load_tokenizer(Path(__file__).resolve().parent.parent / "fixtures" / "hf" / "qwen2")
 WORDS = "the small model reads a short sentence and predicts the next word".split()
@@ -532,3 +534,143 @@ def test_row_filler_keeps_room_for_the_fillers():
     assert filler.count == 3 and filler.free == [0, 4]
     filler.reset()
     assert filler.count == 0 and filler.free == [10, 10]
+
+
+# ---------------------------------------------------------------------------
+# Degenerate data never hangs: every case ends within a deadline, with an error or batches
+# ---------------------------------------------------------------------------
+
+DEADLINE = 60  # seconds; each case below takes well under one
+
+
+def _first_batches(pipe, limit=3):
+    """Up to `limit` batches of a fresh iterator, or the error that ends it."""
+    return run_within(DEADLINE, _collect, pipe, limit)
+
+
+@pytest.mark.parametrize("num_epochs", [None, 1])
+def test_every_example_dropped_by_truncation_raises_with_the_reason(num_epochs):
+    # Every pair is longer than 8 tokens and response_mode="drop": before the pass check a
+    # repeating pipeline searched forever and a finite one yielded only filler batches.
+    cfg = _config(max_len=8, response_mode="drop", buckets=None, num_epochs=num_epochs)
+    with pytest.raises(PipelineEmptyError, match=r"all 10 examples of one pass over the data were dropped: "
+                                                 r"10 with prompt \+ response over max_len=8 "
+                                                 r"\(response_mode='drop'") as err:
+        _first_batches(Pipeline(_pairs(10), TOKENIZER, cfg))
+    assert err.value.counts == {"sequence_too_long": 10}
+
+
+def test_every_prompt_dropped_names_max_prompt_len():
+    cfg = _config(max_prompt_len=2, prompt_mode="drop", num_epochs=None)
+    with pytest.raises(PipelineEmptyError, match=r"10 with a prompt over max_prompt_len=2 \(prompt_mode='drop'\)"):
+        _first_batches(Pipeline(_pairs(10), TOKENIZER, cfg))
+
+
+def test_every_example_a_tokenization_error_under_drop_raises_with_the_first_error():
+    source = [dict(p, chosen=[{"role": "user", "content": "no assistant"}]) for p in _pairs(6)]
+    cfg = _config(on_error="drop", num_epochs=None, shuffle=False)
+    with pytest.raises(PipelineEmptyError, match=r"6 that could not be tokenized \(on_error='drop'; the first: "
+                                                 r"mem:\d") as err:
+        _first_batches(Pipeline(source, TOKENIZER, cfg))
+    assert err.value.counts == {"preprocess_error": 6}
+
+
+def test_an_empty_source_raises_with_what_loading_skipped():
+    from prefjax.data.records import LoadSummary
+    from prefjax.data.sources import ListSource
+
+    with pytest.raises(PipelineEmptyError, match="the data source holds no examples; nothing to train on"):
+        Pipeline([], TOKENIZER, _config())
+    skipped = LoadSummary(rows=3)
+    skipped.skipped["missing_field"] = 3
+    with pytest.raises(PipelineEmptyError, match=r"holds no examples \(3 rows read, 0 examples; skipped 3 bad rows: "
+                                                 r"missing_field=3"):
+        Pipeline(ListSource([], skipped), TOKENIZER, _config())
+
+
+def test_a_few_surviving_examples_keep_a_repeating_pipeline_going():
+    # One pair in 10 survives: each pass keeps one, and no pass check fires however the
+    # shuffle orders it (the survivor first in one pass and last in the next is 18 drops in a row).
+    source = _pairs(10)
+    long = dict(source[0], chosen=[{"role": "assistant", "content": " ".join(WORDS * 20)}])
+    source = [source[3]] + [dict(long, weight=1.0 + i, source=f"mem:{i}") for i in range(1, 10)]
+    cfg = _config(max_len=128, response_mode="drop", buckets=None, num_epochs=None, batch_size=4)
+    pipe = Pipeline(source, TOKENIZER, cfg)
+    batches = _first_batches(pipe, limit=6)
+    assert [_ids(b) for b in batches] == [[3, 3, 3, 3]] * 6
+    assert pipe.stats()["truncation/dropped"] >= 9 * 24  # 24 passes read, 9 dropped in each
+
+
+def test_fewer_examples_than_a_batch_once_gives_one_completed_batch():
+    # num_epochs=1 (an eval source, say): one batch, completed with weight-0 fillers, then the end.
+    batches = _first_batches(Pipeline(_pairs(3), TOKENIZER, _config(num_epochs=1, batch_size=8)), limit=10)
+    assert len(batches) == 1 and sorted(_ids(batches[0])) == [0, 1, 2] and len(batches[0].weight) == 8
+
+
+def test_fewer_examples_than_a_batch_repeated_fill_every_batch():
+    batches = _first_batches(Pipeline(_pairs(3), TOKENIZER, _config(num_epochs=None, batch_size=8)), limit=3)
+    assert len(batches) == 3 and all(len(_ids(b)) == 8 for b in batches)
+    assert all(sorted(set(_ids(b))) == [0, 1, 2] for b in batches[1:])
+
+
+def _wide_pairs(n):
+    """Pairs whose two sequences (~60 tokens each) cannot share one packed row of 96."""
+    return [dict(p, chosen=[{"role": "assistant", "content": " ".join(WORDS * 4)}],
+                 rejected=[{"role": "assistant", "content": " ".join(WORDS[::-1] * 4)}]) for p in _pairs(n)]
+
+
+@pytest.mark.parametrize("fill", [False, True])
+def test_packed_rows_too_small_for_any_example(fill):
+    pairs = _wide_pairs(6)
+    assert all(tokenize_example(p, TOKENIZER).sequence_length(0) > 48 for p in pairs)
+    layout = dict(pack=True, pack_rows=1, row_length=96, max_len=96, buckets=None, num_epochs=None,
+                  fill_packed_rows=fill)
+    with pytest.raises(PipelineEmptyError, match=r"6 that fit no 1 empty packed rows of 96 tokens "
+                                                 r"\(pack_overflow='drop'\): raise pack_rows or row_length"):
+        _first_batches(Pipeline(pairs, TOKENIZER, _config(**layout, pack_overflow="drop")))
+    from prefjax.data.packing import PackingOverflow
+
+    with pytest.raises(PackingOverflow, match="does not fit in 1 packed rows of 96"):
+        _first_batches(Pipeline(pairs, TOKENIZER, _config(**layout, pack_overflow="error")))
+    # two rows hold them: training data again, and nothing counted as unfittable
+    pipe = Pipeline(pairs, TOKENIZER, _config(**{**layout, "pack_rows": 2}, pack_overflow="drop", batch_size=1))
+    assert all(len(_ids(b)) == 1 for b in _first_batches(pipe))
+    assert pipe.stats()["pack_unfittable_dropped"] == 0
+
+
+def test_unfittable_examples_are_dropped_before_batching_and_counted():
+    # Mixed data: the wide pairs (~210 + 210 tokens) fit no single row of 256, the short ones
+    # (< 180) do; the wide ones take no slot.
+    pairs = _pairs(6) + [dict(p, weight=7.0 + i) for i, p in enumerate(_wide_pairs(2))]
+    cfg = _config(pack=True, pack_rows=1, row_length=256, max_len=256, buckets=None, shuffle=False,
+                  pack_overflow="drop", batch_size=1)
+    pipe = Pipeline(pairs, TOKENIZER, cfg)
+    batches = _first_batches(pipe, limit=10)
+    assert [i for b in batches for i in _ids(b)] == [0, 1, 2, 3, 4, 5]
+    assert pipe.stats()["pack_unfittable_dropped"] == 2
+
+
+def test_one_process_whose_share_is_all_dropped_says_which():
+    # Without shuffling, process 1 reads the odd positions: all of them too long here.
+    source = _pairs(8)
+    long = {"role": "assistant", "content": " ".join(WORDS * 20)}
+    source = [p if i % 2 == 0 else dict(p, chosen=[long]) for i, p in enumerate(source)]
+    cfg = _config(max_len=128, response_mode="drop", buckets=None, shuffle=False, num_epochs=None)
+    assert len(_first_batches(Pipeline(source, TOKENIZER, cfg, shard_index=0, shard_count=2))) == 3
+    with pytest.raises(PipelineEmptyError, match=r"all 4 examples of process 1's share of one pass over the "
+                                                 r"data \(8 in all\) were dropped"):
+        _first_batches(Pipeline(source, TOKENIZER, cfg, shard_index=1, shard_count=2))
+
+
+@pytest.mark.parametrize("num_examples, shard_count", [(1, 1), (7, 1), (7, 2), (7, 3), (2, 5), (12, 4)])
+def test_pass_shares_add_up_to_the_data(num_examples, shard_count):
+    from prefjax.data.pipeline import _PassCheck
+
+    checks = [_PassCheck(num_examples, s, shard_count, describe=str) for s in range(shard_count)]
+    for epoch in range(5):
+        assert sum(c.share(epoch) for c in checks) == num_examples
+    # and each share is the positions that process reads
+    for s, check in enumerate(checks):
+        positions = range(s, 5 * num_examples, shard_count)
+        for epoch in range(5):
+            assert check.share(epoch) == sum(1 for p in positions if p // num_examples == epoch)

@@ -8,22 +8,11 @@ import pickle
 
 import pytest
 
-from prefjax.data.records import (DataError, LoadSummary, Location, detect_shape, iter_parse, parse_label,
-                                  parse_row)
+from prefjax.data.formats import detect_row_format, iter_parse
+from prefjax.data.records import DataError, LoadSummary, Location, parse_label, parse_row
+from tests.data.fixture_helpers import bot, system, user
 
 LOC = Location("prefs.jsonl", 7)
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def bot(text):
-    return {"role": "assistant", "content": text}
-
-
-def system(text):
-    return {"role": "system", "content": text}
 
 
 def same(a, b) -> bool:
@@ -264,12 +253,14 @@ def test_data_error_pickles_with_its_parts():
 # -- shape detection and the error policy ------------------------------------------------------
 
 def test_detect_shape():
-    assert detect_shape({"prompt": "p", "chosen": "a", "rejected": "b"}, LOC) == "pair"
-    assert detect_shape({"prompt": "p", "completion": "a", "label": 1}, LOC) == "unpaired"
-    assert detect_shape({"prompt": "p", "responses": ["a", "b"]}, LOC) == "ranked"
-    assert detect_shape({"q": "p", "a": "x", "b": "y"}, LOC, {"chosen": "a", "rejected": "b"}) == "pair"
-    with pytest.raises(DataError, match=r"cannot tell the shape from columns \['a', 'q'\]"):
-        detect_shape({"q": 1, "a": 2}, LOC)
+    def shape(row, fields=None):
+        return detect_row_format(row, LOC, fields).shapes
+    assert shape({"prompt": "p", "chosen": "a", "rejected": "b"}) == ("pair",)
+    assert shape({"prompt": "p", "completion": "a", "label": 1}) == ("unpaired",)
+    assert shape({"prompt": "p", "responses": ["a", "b"]}) == ("ranked",)
+    assert shape({"q": "p", "a": "x", "b": "y"}, {"chosen": "a", "rejected": "b"}) == ("pair",)
+    with pytest.raises(DataError, match=r"cannot tell the row format from columns \['a', 'q'\]"):
+        detect_row_format({"q": 1, "a": 2}, LOC)
 
 
 def _located(rows):
@@ -300,7 +291,8 @@ def test_iter_parse_auto_shape_is_fixed_by_the_first_good_row():
     summary = LoadSummary()
     examples = list(iter_parse(rows, on_error="skip", summary=summary))
     assert [e["kind"] for e in examples] == ["unpaired"]
-    assert dict(summary.skipped) == {"missing_field": 2}
+    assert dict(summary.skipped) == {"unknown_format": 1, "missing_field": 1}
+    assert summary.row_format == "trl_unpaired"
 
 
 def test_bad_on_error_value():

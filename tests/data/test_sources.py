@@ -150,10 +150,34 @@ def test_named_builder_error_policy(tmp_path):
     assert source.load_summary["skipped"] == {"empty_response": 1, "identical_responses": 1}
 
 
-def test_bad_sources(tmp_path):
-    with pytest.raises(ValueError, match="needs data_dir="):
+def test_bad_sources(tmp_path, monkeypatch):
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))  # no data_dir: TFDS's default
+    with pytest.raises(FileNotFoundError, match="helpsteer2/pairs is not prepared under .*data.data_dir"):
         load_source("tfds:helpsteer2/pairs")
     with pytest.raises(FileNotFoundError, match="not a prepared TFDS dataset"):
         load_source(tmp_path)
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_source(tmp_path / "nothing.jsonl")
+
+
+def test_a_tfds_builder_trains_from_the_trainer_config(tmp_path):
+    """data.source="tfds:<builder>/<config>" with data.data_dir and data.split reaches the trainer:
+    the run reads the prepared split (the eval split too) and trains."""
+    from prefjax import train  # pylint: disable=import-outside-toplevel
+    from prefjax.train import config_lib  # pylint: disable=import-outside-toplevel
+
+    data_dir = tmp_path / "tfds"
+    builders.prepare_files({"train": fixture("pairs_chat.jsonl"), "test": fixture("pairs_chat.jsonl")},
+                           data_dir=data_dir, name="chat")
+    c = config_lib.trainer_config()
+    c.model.hf_folder = str(FIXTURES.parent / "hf" / "qwen2")
+    c.total_steps, c.data.batch_size, c.data.max_len = 2, 8, 128
+    c.data.source = c.data.eval_source = "tfds:preference_files/chat"
+    c.data.data_dir, c.data.split, c.data.eval_split = str(data_dir), "train[:2]", "test"
+    c.checkpoint.export_hf = False
+    c.eval_batches = 1
+    summary = train.run(c, str(tmp_path / "run"))
+    assert summary["step"] == 2 and "eval/loss" in summary
+    c.data.split = "validation"
+    with pytest.raises(Exception, match="validation"):
+        train.run(c, str(tmp_path / "run2"))

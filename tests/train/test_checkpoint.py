@@ -453,3 +453,13 @@ def test_metadata_file_is_plain_json(tmp_path, mesh8):
     files = [p for p in (tmp_path / "1" / "metadata").iterdir() if p.name != "commit_success.txt"]
     assert len(files) == 1
     assert json.loads(files[0].read_text()) == {"config": {"lr": 1e-3}, "tags": ["a", "b"]}
+
+
+def test_metadata_reads_alone_and_names_missing_steps(tmp_path, mesh8):
+    with Checkpointer(str(tmp_path), save_every=1) as ckpt:
+        ckpt.save(2, _small_state(mesh8, 1.0), metadata={"config": {"loss": {"beta": 0.1}}})
+    fresh = Checkpointer(str(tmp_path))  # another process's view: only what is on disk
+    assert fresh.metadata(2) == {"config": {"loss": {"beta": 0.1}}}
+    with pytest.raises(CheckpointNotFoundError, match="no finalized checkpoint at step 5; available steps: 2"):
+        fresh.metadata(5)
+    fresh.close()

@@ -62,6 +62,11 @@ def test_run_learns_checkpoints_and_exports(tmp_path):
     for key in ("grad_norm", "learning_rate", "tokens_per_second", "mfu", "step_seconds", "rewards/accuracies"):
         assert key in read_metrics(str(tmp_path / "metrics.jsonl"))[-1]
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    # Compilation is timed apart (summary and summary.json) and no step is charged or credited with it.
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written["compile_seconds"] == summary["compile_seconds"] > 0 and "startup" in written
+    rates = [m["tokens_per_second"] for m in read_metrics(str(tmp_path / "metrics.jsonl"))]
+    assert rates[0] < 3 * max(rates[1:])
 
 
 def _main(workdir, *overrides, env=None):

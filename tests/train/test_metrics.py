@@ -191,6 +191,51 @@ def test_one_step_late_with_device_arrays_under_transfer_guard():
     np.testing.assert_array_equal(out[2][1]["per_pair"], [2.0, 3.0, 4.0])
 
 
+def test_step_timer_laps_leave_out_excluded_work():
+    clock = _Clock()
+    timer = metrics.StepTimer(clock=clock)
+    clock.now += 0.5
+    assert timer.lap() == pytest.approx(0.5)
+    waited = []
+    with timer.excluded(lambda: (waited.append(clock.now), setattr(clock, "now", clock.now + 0.2))):
+        clock.now += 3.0  # a compile, a checkpoint, an evaluation
+    clock.now += 0.3
+    # the wait (the step in flight finishing) is step time; the 3 s inside are not
+    assert waited == [100.5] and timer.lap() == pytest.approx(0.5)
+    assert timer.excluded_total == pytest.approx(3.0)
+    clock.now += 0.25
+    assert timer.lap() == pytest.approx(0.25)  # exclusions do not carry over
+
+
+def test_step_time_is_the_device_time_of_each_step_not_its_dispatch():
+    # A jitted step of chained matmuls is dispatched asynchronously. With the trainer's pattern
+    # (lap when the step's metrics reach the host), every step, the first included, measures
+    # about one step's device time (timing the dispatch instead gave step 1 ~0 s), and a slow
+    # exclusion between steps (after waiting for the step in flight) leaves the step's time in.
+    import time
+
+    def work(x):
+        return {"loss": jax.lax.fori_loop(0, 80, lambda _, y: jnp.tanh(y @ y), x).sum()}
+
+    step = jax.jit(work)
+    x = jnp.eye(384) * 0.5
+    step(x)["loss"].block_until_ready()  # compiled
+    begin = time.perf_counter()
+    step(x)["loss"].block_until_ready()
+    alone = time.perf_counter() - begin  # one step's time, on this machine now
+    late, timer, laps = metrics.OneStepLate(), metrics.StepTimer(), []
+    for i in range(3):
+        fetched = late.push(i + 1, step(x))
+        if fetched is not None:
+            laps.append(timer.lap())
+        if i == 1:
+            with timer.excluded(late.wait):
+                time.sleep(4 * alone)
+    late.flush()
+    laps.append(timer.lap())
+    assert len(laps) == 3 and all(0.3 * alone < lap < 3 * alone for lap in laps), (alone, laps)
+
+
 # --------------------------------------------------------------------------- FLOPs
 
 _KERNELS = {"q", "k", "v", "o", "gate", "up", "down", "lm_head"}
@@ -324,6 +369,17 @@ def test_progress_bar_format_and_cadence(capsys):
     # 10 steps in 2.5 s: 0.25 s/step, 512 / 0.25 = 2048 tokens/s, 60 steps left = 15 s.
     assert lines[1] == "step 40/100 (40.0%) | loss 0.6931 | acc 0.5 | 2.05k tok/s | 0.25 s/step | ETA 0m15s"
     assert re.match(r"step 30/100 \(30\.0%\) \| loss 0\.6931 \| acc 0\.5 \| .* \| ETA 0m18s$", lines[0])
+
+
+def test_progress_bar_leaves_compile_time_out_of_its_rate(capsys):
+    clock = _Clock()
+    bar = metrics.ProgressBar(20, every_steps=10, every_seconds=1e9, clock=clock)
+    clock.now += 30.0  # compiling the step
+    bar.exclude(30.0)
+    for step in range(1, 11):
+        clock.now += 0.5
+        line = bar.update(step, {"loss": 1.0})
+    assert line == "step 10/20 (50.0%) | loss 1 | 0.5 s/step | ETA 0m05s"
 
 
 def test_progress_bar_default_keys(capsys):

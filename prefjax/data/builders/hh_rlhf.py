@@ -4,8 +4,9 @@ Source: https://huggingface.co/datasets/Anthropic/hh-rlhf, files ``<subset>/{tra
 Each line is ``{"chosen": text, "rejected": text}``, where a text is a whole dialogue
 ``"\\n\\nHuman: ...\\n\\nAssistant: ...\\n\\nHuman: ...\\n\\nAssistant: ..."``. Both texts repeat the
 conversation and differ in the last assistant turn(s). Each text is parsed into messages
-(Human -> user, Assistant -> assistant, content stripped); the shared leading messages become
-the prompt (``records``' implicit-prompt rule) and the differing tails the responses.
+(Human -> user, Assistant -> assistant, content stripped; the ``hh_rlhf`` row format of
+prefjax.data.formats, which also reads such rows from local files); the shared leading messages
+become the prompt (``records``' implicit-prompt rule) and the differing tails the responses.
 
 Configs: the four preference subsets and ``all`` (their union, per split). The
 ``red-team-attempts`` folder has another schema (no pairs) and is not included. Rows that fail
@@ -16,7 +17,6 @@ skipped and counted by default (``on_error``).
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any
 
 import tensorflow_datasets as tfds
@@ -24,28 +24,12 @@ import tensorflow_datasets as tfds
 from prefjax.data import readers
 from prefjax.data.builders import manual
 from prefjax.data.builders.base import PreferenceBuilder
-from prefjax.data.records import BAD_ROLE, MISSING, WRONG_TYPE, DataError, Location, LoadSummary, parse_row
+from prefjax.data.formats import parse_as, parse_dialogue  # noqa: F401  (parse_dialogue re-exported: its old home)
+from prefjax.data.records import DataError, LoadSummary
 
 BASE_URL = "https://huggingface.co/datasets/Anthropic/hh-rlhf/resolve/main"
 SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
 SPLITS = ("train", "test")
-_ROLES = {"Human": "user", "Assistant": "assistant"}
-# A turn header at the very start or after a blank line. Some rows start without the "\n\n".
-_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ ]?")
-
-
-def parse_dialogue(text: Any, location: Location, field: str) -> list[dict[str, str]]:
-    """``"\\n\\nHuman: a\\n\\nAssistant: b"`` -> ``[{"role": "user", ...}, {"role": "assistant", ...}]``."""
-    if text is None:
-        raise DataError(location, field, "missing", MISSING)
-    if not isinstance(text, str):
-        raise DataError(location, field, f"must be dialogue text, got {type(text).__name__}", WRONG_TYPE)
-    parts = _TURN.split(text)
-    if parts[0].strip() or len(parts) < 3:
-        raise DataError(location, field, "dialogue text must start with a 'Human:' turn", BAD_ROLE)
-    # parts = ["", role, content, role, content, ...]
-    turns = zip(parts[1::2], parts[2::2])
-    return [{"role": _ROLES[role], "content": content.strip()} for role, content in turns]
 
 
 @dataclasses.dataclass
@@ -85,9 +69,9 @@ class HhRlhf(PreferenceBuilder):
                 for location, row in readers.read_rows(path, format="jsonl", on_error=self.on_error,
                                                        summary=summary):
                     try:
-                        messages = {key: parse_dialogue(row.get(key), location, key)
-                                    for key in ("chosen", "rejected")}
-                        yield parse_row(messages, "pair", location)
+                        # Only the two dialogues: the public files have no other columns.
+                        row = {key: row.get(key) for key in ("chosen", "rejected")}
+                        yield parse_as("hh_rlhf", row, location)
                     except DataError as error:
                         self._handle(error, summary)
 

@@ -5,7 +5,9 @@ Source: https://huggingface.co/datasets/HuggingFaceH4/ultrafeedback_binarized, P
 ``chosen`` / ``rejected`` (message lists ``[{"content", "role"}]`` that both start with the user
 prompt) and ``score_chosen`` / ``score_rejected`` (GPT-4 ratings, kept as the example's scores).
 The ``prompt`` column is not passed on: the shared first message is the prompt, so a prompt text
-that differs from the message (whitespace) cannot be counted twice. Pairs with equal scores are kept
+that differs from the message (whitespace) cannot be counted twice (the ``ultrafeedback_binarized``
+row format of prefjax.data.formats, which also reads such rows from local files). Pairs with equal
+scores are kept
 (their scores tell); rows with identical or empty responses are skipped and counted by default.
 """
 
@@ -18,7 +20,8 @@ import tensorflow_datasets as tfds
 from prefjax.data import readers
 from prefjax.data.builders import manual
 from prefjax.data.builders.base import PreferenceBuilder
-from prefjax.data.records import DataError, LoadSummary, parse_row
+from prefjax.data.formats import parse_as
+from prefjax.data.records import DataError, LoadSummary
 
 BASE_URL = "https://huggingface.co/datasets/HuggingFaceH4/ultrafeedback_binarized/resolve/main"
 FILES = {"train": ["data/train_prefs-00000-of-00001.parquet"],
@@ -51,7 +54,8 @@ class UltrafeedbackBinarized(PreferenceBuilder):
                 for location, row in readers.read_rows(path, format="parquet", on_error=self.on_error,
                                                        summary=summary):
                     try:
-                        yield parse_row({key: row.get(key) for key in _COLUMNS}, "pair", location)
+                        row = {key: row.get(key) for key in _COLUMNS}
+                        yield parse_as("ultrafeedback_binarized", row, location)
                     except DataError as error:
                         self._handle(error, summary)
 
