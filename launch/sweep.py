@@ -120,6 +120,21 @@ def _set(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
     parent[done[-1]] = value
 
 
+def _check_loss_hparam(loss_name: str, key: str) -> None:
+    """KeyError unless `key` ("loss.NAME") names a hyperparameter of loss `loss_name`."""
+    from prefjax import suggest  # pylint: disable=import-outside-toplevel
+    from prefjax.losses import registry  # pylint: disable=import-outside-toplevel
+
+    if loss_name not in registry.names():
+        hint = suggest.did_you_mean(loss_name, registry.names())
+        raise KeyError(f"loss_name={loss_name!r} is not a registered loss{hint}")
+    hparams = sorted(registry.get(loss_name).hparam_defaults)
+    name = key[len("loss."):]
+    if name not in hparams:
+        raise KeyError(f"no key {key!r}: loss {loss_name!r} has no hyperparameter {name!r}"
+                       f"{suggest.did_you_mean(name, hparams)} (its hyperparameters: {', '.join(hparams)})")
+
+
 def expand(config_arg: str) -> tuple[ml_collections.ConfigDict, list[Run]]:
     """The config (`path` or `path:arg`) and the runs its `sweep(add)` adds, checked."""
     path, _, arg = config_arg.partition(":")
@@ -135,8 +150,14 @@ def expand(config_arg: str) -> tuple[ml_collections.ConfigDict, list[Run]]:
         where = f"{path}:{line}" if line else path
         keys = [(key.replace("__", "."), value) for key, value in overrides.items()]
         trial = copy.deepcopy(config)  # keeps each field's type, which assignment checks
+        loss_name = dict(keys).get("loss_name", config.get("loss_name"))
         for key, value in keys:
             try:
+                if key.startswith("loss.") and loss_name is not None:
+                    # As on prefjax.main's command line: any hyperparameter of the run's loss.
+                    _check_loss_hparam(loss_name, key)
+                    trial.loss[key[len("loss."):]] = value
+                    continue
                 _set(trial, key, value)
             except KeyError as err:
                 raise SweepError(f"{where}: add({key}=...): {err.args[0]}") from None

@@ -28,6 +28,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import pathlib
 import re
 import sys
 import traceback
@@ -40,6 +41,8 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 JOBS = ("train", "quickstart")
+# The quick start's schema: the keys its job reads are those this file sets.
+QUICKSTART_CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "quickstart.py"
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/quickstart.py (or configs/quickstart.py:LOSS_NAME).",
@@ -193,6 +196,8 @@ def _run(config: ml_collections.ConfigDict, source: str) -> None:
                                      "(prefjax.train.config_lib.trainer_config() starts a training config)")
     if job == "train":
         config_lib.check_keys(config, source=source)
+    else:
+        _check_quickstart_keys(config, source)
     command_line = _command_line or overrides.CommandLine(argv=[])
     notes = overrides.apply(config, command_line, overridden=config_flags.get_override_values(flags.FLAGS["config"]),
                             nullable=config_lib.nullable_keys() if job == "train" else None)
@@ -203,6 +208,10 @@ def _run(config: ml_collections.ConfigDict, source: str) -> None:
         if not flags.FLAGS["verbosity"].present:
             # orbax logs every file it renames at INFO; the trainer's own progress line suffices.
             absl_logging.set_verbosity(absl_logging.WARNING)
+        if not _VERBOSE.value:
+            # The run's notes (the row format detected, a length warning) read as plain lines; absl's
+            # "W1207 11:55:50.028161 1404... file.py:501]" prefix is for debugging (--verbose).
+            absl_logging.get_absl_handler().setFormatter(logging.Formatter("%(message)s"))
         _init_distributed(config)
         from prefjax import train  # pylint: disable=import-outside-toplevel
 
@@ -215,6 +224,18 @@ def _run(config: ml_collections.ConfigDict, source: str) -> None:
         if isinstance(e, KeyError):
             raise config_lib.ConfigError(e.args[0] if e.args else str(e)) from e
         raise config_lib.ConfigError(str(e)) from e
+
+
+def _check_quickstart_keys(config: ml_collections.ConfigDict, source: str) -> None:
+    """A quick-start config file of one's own: its keys must be those configs/quickstart.py sets (the
+    quick start's schema; a typo in that file itself is not caught, since it is the schema)."""
+    from prefjax.train import config_lib  # pylint: disable=import-outside-toplevel
+
+    schema_file = QUICKSTART_CONFIG
+    if not schema_file.is_file() or schema_file.resolve() == pathlib.Path(source.partition(":")[0]).resolve():
+        return
+    config_lib.check_keys(config, source=source, schema=_load_config(str(schema_file)),
+                          schema_name="configs/quickstart.py")
 
 
 def _init_distributed(config: ml_collections.ConfigDict) -> None:

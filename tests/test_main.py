@@ -111,3 +111,32 @@ def test_data_that_cannot_train_ends_in_one_line(tmp_path, args, expected):
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(expected), result.stderr
+
+
+def test_notes_are_plain_lines(tmp_path):
+    """The run's notes (the row format detected) print as plain lines, without absl's prefix, before the
+    error that every prompt is over data.max_prompt_len."""
+    result = _main(f"--config={TINY}", f"--config.model.hf_folder={QWEN2}",
+                   "--config.data.source=tests/fixtures/data/pairs_chat.jsonl", "--config.data.max_len=128",
+                   "--config.data.max_prompt_len=2", "--config.data.prompt_mode=drop", workdir=tmp_path / "run")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1, result.stderr
+    assert lines[0] == ("tests/fixtures/data/pairs_chat.jsonl: rows look like trl_pair (prompt + chosen + rejected); "
+                        "set data.format to override")
+    assert lines[-1].startswith("error: data.source='tests/fixtures/data/pairs_chat.jsonl': no example survives")
+    assert "max_prompt_len=2" in lines[-1]
+
+
+def test_a_quick_start_config_of_ones_own_is_checked_against_configs_quickstart(tmp_path):
+    """A file for the quick-start job that starts from configs/quickstart.py and misspells a key."""
+    mine = tmp_path / "my_quickstart.py"
+    mine.write_text("import importlib.util, pathlib\n\n"
+                    "def get_config():\n"
+                    f"    spec = importlib.util.spec_from_file_location('qs', {str(ROOT / 'configs' / 'quickstart.py')!r})\n"
+                    "    module = importlib.util.module_from_spec(spec)\n    spec.loader.exec_module(module)\n"
+                    "    config = module.get_config()\n    config.sft.stepz = 10\n    return config\n")
+    result = _main(f"--config={mine}", workdir=tmp_path / "run")
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: {mine}: unknown key sft.stepz (did you mean sft.steps?)",
+        "the keys are those configs/quickstart.py sets"]

@@ -188,3 +188,17 @@ def test_a_real_two_run_sweep_names_runs_skips_finished_ones_and_collects(tmp_pa
     assert second.count("finished (2 steps), skipped") == len(names)
     assert {n: (base / n / "summary.json").stat().st_mtime_ns for n in names} == mtimes
     assert collect.table(collect.collect(base)) in second
+
+
+def test_a_sweep_sets_any_hyperparameter_of_each_runs_loss_as_the_command_line_does(tmp_path):
+    """loss.* keys follow prefjax.main: any hyperparameter of the run's loss (here simpo's gamma, which
+    the file does not list); a name the loss lacks is refused with a did-you-mean."""
+    path = tmp_path / "cfg.py"
+    path.write_text('"""A test sweep."""\nimport ml_collections\n\n\ndef get_config():\n'
+                    '    return ml_collections.ConfigDict(dict(loss_name="dpo", loss=dict(beta=0.1)))\n\n\n'
+                    'def sweep(add):\n    add(loss_name="simpo", loss__gamma=0.5)\n')
+    _, runs = sweep.expand(str(path))
+    assert [r.flags() for r in runs] == [["--config.loss_name=simpo", "--config.loss.gamma=0.5"]]
+    path.write_text(path.read_text().replace("loss__gamma", "loss__gama"))
+    with pytest.raises(sweep.SweepError, match=r"loss 'simpo' has no hyperparameter 'gama' \(did you mean gamma\?\)"):
+        sweep.expand(str(path))

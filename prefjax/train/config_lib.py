@@ -201,15 +201,21 @@ def unknown_keys_message(keys: list[str], valid: list[str], source: str) -> str:
             f"every key, its default and meaning: {KEY_REFERENCE}")
 
 
-def check_keys(config: ConfigDict, source: str = "config") -> None:
-    """ConfigError naming every key of `config` that trainer_config() lacks, with a did-you-mean.
+def check_keys(config: ConfigDict, source: str = "config", schema: Optional[ConfigDict] = None,
+               schema_name: str = "") -> None:
+    """ConfigError naming every key of `config` that `schema` (default: trainer_config()) lacks, with
+    a did-you-mean.
 
-    `source` names where the config came from (the config file) in the message.
+    `source` names where the config came from (the config file) in the message; `schema_name`
+    names a schema other than the trainer's (e.g. the quick start's configs/quickstart.py).
     """
-    schema = trainer_config()
+    schema = trainer_config() if schema is None else schema
     unknown = list(_unknown_paths(config, schema))
     if unknown:
-        _fail(unknown_keys_message(unknown, list(leaf_paths(schema)), source))
+        message = unknown_keys_message(unknown, list(leaf_paths(schema)), source)
+        if schema_name:  # configs/README.md lists the trainer's keys only
+            message = message.split("\n")[0] + f"\nthe keys are those {schema_name} sets"
+        _fail(message)
 
 
 def nullable_keys() -> frozenset[str]:

@@ -44,6 +44,15 @@ class Evaluator:
             source = reference_cache.attach_to(source, self.cache)
         return source
 
+    def check_data(self) -> None:
+        """Reads the first held-out batch: data that can give none raises PipelineEmptyError here, at
+        start-up, rather than at the first evaluation."""
+        source = self._source()
+        try:
+            next(iter(source), None)
+        finally:
+            source.close()
+
     def evaluate(self, state: TrainState, step: int, writer: metrics_lib.MetricsWriter) -> dict[str, float]:
         """Weighted means over the held-out batches, written to `writer` at `step` and returned."""
         setup = self.setup

@@ -178,6 +178,8 @@ def _open(config: ml_collections.ConfigDict, workdir: Path, mesh: Mesh, rules: A
     evaluator = None
     if config.data.eval_source:
         evaluator = evaluation.Evaluator(config, setup, mesh, rules, cache=eval_cache)
+        with _naming_the_source(f"data.eval_source={config.data.eval_source!r}"):
+            evaluator.check_data()  # held-out data that yields nothing fails now, not after training
 
     state, start, inspected = setup.state, 0, first
     if latest is not None:

@@ -31,7 +31,7 @@ from prefjax.batch import Batch
 from prefjax.data import inspect, packing, streams
 from prefjax.data import pipeline as pipeline_lib
 from prefjax.data.truncation import DROP_REASONS
-from prefjax.train import config_lib
+from prefjax.train import config_lib, optim
 
 SAMPLE_EXAMPLES = 1000
 SUMMARY_FILE = "summary.json"
@@ -135,7 +135,7 @@ def collect(config: ml_collections.ConfigDict, *, workdir: Path, mesh: Mesh, set
         reference=dict(kind=setup.spec.reference.kind, dtype=config.reference.dtype or config.model.param_dtype,
                        refresh=config.reference.refresh),
         optimizer=dict(name=config.optimizer.name, learning_rate=config.optimizer.learning_rate,
-                       schedule=config.optimizer.schedule, warmup_steps=config.optimizer.warmup_steps),
+                       schedule=config.optimizer.schedule, warmup_steps=optim.resolve_warmup_steps(config.optimizer.warmup_steps, config.total_steps)),
         steps=dict(start=start, total=config.total_steps, resumed=start > 0, notes=list(notes)),
     )
 

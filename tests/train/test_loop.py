@@ -206,7 +206,7 @@ def test_lora_run_exports_merged_weights_and_adapters(tmp_path):
     assert (tmp_path / "hf_export" / "model.safetensors").is_file() and summary["exported"]
 
 
-def test_hf_model_on_a_chat_dataset_with_evaluation(tmp_path):
+def test_hf_model_on_a_chat_dataset_with_evaluation(tmp_path, caplog):
     data = FIXTURES / "data" / "pairs_chat.jsonl"
     summary = train.run(_config(**{
         "model.hf_folder": str(FIXTURES / "hf" / "qwen2"), "data.source": str(data), "data.eval_source": str(data),
@@ -214,6 +214,9 @@ def test_hf_model_on_a_chat_dataset_with_evaluation(tmp_path):
     assert {"eval/loss", "eval/rewards/accuracies"} <= set(summary)
     exported = hf_checkpoint.load(tmp_path / "hf_export")  # tokenizer copied along
     assert exported.tokenizer is not None and exported.cfg.family == "qwen2"
+    # max_len 128 is past the fixture's max_position_embeddings=64: said once, as a warning
+    assert [r.getMessage()[:68] for r in caplog.records if "max_position_embeddings" in r.getMessage()] == [
+        "data.max_len=128 exceeds the model's max_position_embeddings=64 (the"]
 
 
 @pytest.mark.parametrize("changes, message", [

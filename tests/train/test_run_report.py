@@ -147,6 +147,16 @@ def test_an_empty_data_file_stops_at_once(tmp_path):
         run_within(DEADLINE, train.run, _hf(**{"data.source": str(empty)}), str(tmp_path / "run"))
 
 
+def test_empty_held_out_data_stops_at_start_up_naming_data_eval_source(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(PipelineEmptyError, match=rf"^data.eval_source={str(empty)!r}: the data source holds no "
+                                                 r"examples \(0 rows read, 0 examples\)"):
+        run_within(DEADLINE, train.run, _hf(**{"data.source": str(PAIRS), "data.eval_source": str(empty)}),
+                   str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or not (tmp_path / "run" / "metrics.jsonl").read_text()
+
+
 def test_data_read_once_ends_the_run_with_a_message_and_a_small_eval_set_evaluates(tmp_path, capsys):
     # 3 pairs, batches of 8, read once: one step's worth of data. The held-out set (the same 3
     # pairs, fewer than a batch) evaluates after step 1; step 2 has no data left.
