@@ -121,18 +121,15 @@ def _set(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
 
 
 def _check_loss_hparam(loss_name: str, key: str) -> None:
-    """KeyError unless `key` ("loss.NAME") names a hyperparameter of loss `loss_name`."""
-    from prefjax import suggest  # pylint: disable=import-outside-toplevel
-    from prefjax.losses import registry  # pylint: disable=import-outside-toplevel
+    """KeyError unless `key` ("loss.NAME") names a hyperparameter of loss `loss_name` (the trainer's
+    own checks, prefjax.train.config_lib, with their did-you-mean)."""
+    from prefjax.train import config_lib  # pylint: disable=import-outside-toplevel
 
-    if loss_name not in registry.names():
-        hint = suggest.did_you_mean(loss_name, registry.names())
-        raise KeyError(f"loss_name={loss_name!r} is not a registered loss{hint}")
-    hparams = sorted(registry.get(loss_name).hparam_defaults)
-    name = key[len("loss."):]
-    if name not in hparams:
-        raise KeyError(f"no key {key!r}: loss {loss_name!r} has no hyperparameter {name!r}"
-                       f"{suggest.did_you_mean(name, hparams)} (its hyperparameters: {', '.join(hparams)})")
+    try:
+        config_lib.check_loss_name(loss_name)
+        config_lib.check_loss_hparams(loss_name, [key[len("loss."):]], source=f"no key {key!r}")
+    except config_lib.ConfigError as err:
+        raise KeyError(str(err)) from None
 
 
 def expand(config_arg: str) -> tuple[ml_collections.ConfigDict, list[Run]]:

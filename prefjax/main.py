@@ -120,10 +120,9 @@ def _unknown_keys_message(argv: Sequence[str]) -> Optional[str]:
     bad = [m.group(1) for m in overrides if m and m.group(1) not in valid and not _is_section(config, m.group(1))]
     if not bad:
         return None
-    message = config_lib.unknown_keys_message(bad, valid, "command line")
-    if config.get("job") != "train":  # configs/README.md lists the trainer's keys only
-        message = message.split("\n")[0] + f"\nthe keys are those {argument.partition(':')[0]} sets"
-    return message
+    # configs/README.md lists the trainer's keys only; another job's keys are those its file sets
+    schema_name = "" if config.get("job") == "train" else argument.partition(":")[0]
+    return config_lib.unknown_keys_message(bad, valid, "command line", schema_name)
 
 
 def _is_section(config: ml_collections.ConfigDict, path: str) -> bool:

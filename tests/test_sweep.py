@@ -200,5 +200,6 @@ def test_a_sweep_sets_any_hyperparameter_of_each_runs_loss_as_the_command_line_d
     _, runs = sweep.expand(str(path))
     assert [r.flags() for r in runs] == [["--config.loss_name=simpo", "--config.loss.gamma=0.5"]]
     path.write_text(path.read_text().replace("loss__gamma", "loss__gama"))
-    with pytest.raises(sweep.SweepError, match=r"loss 'simpo' has no hyperparameter 'gama' \(did you mean gamma\?\)"):
+    with pytest.raises(sweep.SweepError, match=r"no key 'loss.gama': loss 'simpo' has no hyperparameter gama \(did you mean gamma\?\); "
+                                                 r"its hyperparameters \(paper defaults\): beta=2.0, gamma="):
         sweep.expand(str(path))

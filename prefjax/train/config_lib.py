@@ -194,11 +194,13 @@ def _unknown_paths(config: ConfigDict, schema: ConfigDict, prefix: str = "") -> 
             yield from _unknown_paths(value, schema[key], path + ".")
 
 
-def unknown_keys_message(keys: list[str], valid: list[str], source: str) -> str:
-    """"<source>: unknown key a.b (did you mean a.c?)", and where the valid keys are listed."""
+def unknown_keys_message(keys: list[str], valid: list[str], source: str, schema_name: str = "") -> str:
+    """"<source>: unknown key a.b (did you mean a.c?)", and where the valid keys are listed:
+    configs/README.md for the trainer's keys, else the file `schema_name` that sets them."""
     described = ", ".join(key + suggest.did_you_mean(key, valid) for key in keys)
-    return (f"{source}: unknown key{'s' if len(keys) > 1 else ''} {described}\n"
-            f"every key, its default and meaning: {KEY_REFERENCE}")
+    where = (f"the keys are those {schema_name} sets" if schema_name
+             else f"every key, its default and meaning: {KEY_REFERENCE}")
+    return f"{source}: unknown key{'s' if len(keys) > 1 else ''} {described}\n{where}"
 
 
 def check_keys(config: ConfigDict, source: str = "config", schema: Optional[ConfigDict] = None,
@@ -212,10 +214,7 @@ def check_keys(config: ConfigDict, source: str = "config", schema: Optional[Conf
     schema = trainer_config() if schema is None else schema
     unknown = list(_unknown_paths(config, schema))
     if unknown:
-        message = unknown_keys_message(unknown, list(leaf_paths(schema)), source)
-        if schema_name:  # configs/README.md lists the trainer's keys only
-            message = message.split("\n")[0] + f"\nthe keys are those {schema_name} sets"
-        _fail(message)
+        _fail(unknown_keys_message(unknown, list(leaf_paths(schema)), source, schema_name))
 
 
 def nullable_keys() -> frozenset[str]:
