@@ -31,6 +31,7 @@ from prefjax.batch import Batch
 from prefjax.data import inspect, packing, streams
 from prefjax.data import pipeline as pipeline_lib
 from prefjax.data.truncation import DROP_REASONS
+from prefjax.models import params as params_lib
 from prefjax.train import config_lib, optim
 
 SAMPLE_EXAMPLES = 1000
@@ -52,10 +53,6 @@ def find_pipeline(source: Any) -> Optional[pipeline_lib.Pipeline]:
     """The data pipeline under a batch source, or None (synthetic data, a source given to train.run)."""
     pipe = getattr(_innermost(source), "pipeline", None)
     return pipe if isinstance(pipe, pipeline_lib.Pipeline) else None
-
-
-def _count(tree: Any) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
 def _lengths(values: list[int]) -> dict[str, int]:
@@ -119,14 +116,14 @@ def _data(config: ml_collections.ConfigDict, source: Any, first: Optional[Batch]
 def collect(config: ml_collections.ConfigDict, *, workdir: Path, mesh: Mesh, setup: Any, source: Any,
             state: Any, first: Optional[Batch], start: int, notes: tuple[str, ...] = ()) -> dict[str, Any]:
     """The report as a JSON-able dict (module docstring)."""
-    trainable = _count(state.params)
-    extra = sum(_count(v) for k, v in state.params.items() if k != "model")  # adapters, reward head
+    trainable = int(params_lib.count(state.params))
+    extra = sum(int(params_lib.count(v)) for k, v in state.params.items() if k != "model")  # adapters, reward head
     device = jax.devices()[0]
     return dict(
         data=_data(config, source, first),
         workdir=str(workdir),
         model=dict(name=config.model.hf_folder or config.model.preset, family=setup.model_cfg.family,
-                   parameters=_count(setup.initial_params) + extra,
+                   parameters=int(params_lib.count(setup.initial_params)) + extra,
                    trainable=trainable, param_dtype=config.model.param_dtype, lora=bool(config.lora.enabled)),
         devices=dict(count=jax.device_count(), processes=jax.process_count(), platform=device.platform,
                      kind=str(device.device_kind), mesh={str(k): int(v) for k, v in mesh.shape.items()}),
@@ -135,7 +132,8 @@ def collect(config: ml_collections.ConfigDict, *, workdir: Path, mesh: Mesh, set
         reference=dict(kind=setup.spec.reference.kind, dtype=config.reference.dtype or config.model.param_dtype,
                        refresh=config.reference.refresh),
         optimizer=dict(name=config.optimizer.name, learning_rate=config.optimizer.learning_rate,
-                       schedule=config.optimizer.schedule, warmup_steps=optim.resolve_warmup_steps(config.optimizer.warmup_steps, config.total_steps)),
+                       schedule=config.optimizer.schedule,
+                       warmup_steps=optim.resolve_warmup_steps(config.optimizer.warmup_steps, config.total_steps)),
         steps=dict(start=start, total=config.total_steps, resumed=start > 0, notes=list(notes)),
     )
 
