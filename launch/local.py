@@ -6,9 +6,11 @@
 Each process gets `XLA_FLAGS=--xla_force_host_platform_device_count=D` (other XLA flags
 are kept), `JAX_PLATFORMS=cpu`, and the flags that make prefjax.main call
 `jax.distributed.initialize` with a coordinator on 127.0.0.1. Output lines are prefixed
-with the process id. If one process fails the others are stopped at once: a peer that
-waits on a dead coordinator would otherwise hang for jax's 300 s initialisation timeout.
-`--dry_run` prints the commands.
+with the process id. Every process is watched: when any one fails, a line on stderr names it and
+its exit code at once ("launch.local: process 1 exited with -9 (SIGKILL); stopping the others")
+and the others are stopped. On their own they would last until jax noticed: up to
+config.distributed.heartbeat_timeout_seconds mid-run, and jax's 300 s initialisation timeout
+for a peer that died before connecting. `--dry_run` prints the commands.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -68,13 +71,42 @@ def _relay(stream, index: int, out: TextIO, lock: threading.Lock) -> None:
             out.flush()
 
 
-def run(cmds: Sequence[Command], *, timeout: float = 600.0, out: TextIO | None = None) -> list[int]:
-    """Starts every command, relays their output, returns their exit codes.
+def _describe(code: int) -> str:
+    """An exit code as the shell's user reads it: -9 is 'killed by SIGKILL'."""
+    if code < 0:
+        try:
+            return f"{code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return str(code)
+    return str(code)
 
-    The first failure (or the timeout) terminates the rest; their codes are then negative
-    signal numbers (or 124 for the timeout, as `timeout(1)` reports it).
+
+def _stop(procs: Sequence[subprocess.Popen], grace: float) -> None:
+    """SIGTERM to every live process, SIGKILL to those still alive `grace` seconds later."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    end = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def run(cmds: Sequence[Command], *, timeout: float = 600.0, out: TextIO | None = None,
+        notices: TextIO | None = None, poll_seconds: float = 0.1) -> list[int]:
+    """Starts every command, relays their output to `out`, returns their exit codes.
+
+    Every process is polled each round, so whichever fails first is seen within `poll_seconds`:
+    a line naming it goes to `notices` (stderr) at once, and the rest are stopped (SIGTERM, then
+    SIGKILL after 1 s: without the failed process they can neither train nor save, since every
+    checkpoint is collective). At the timeout all are stopped, with 10 s to save on SIGTERM.
+    Codes of stopped processes are negative signal numbers (124 for the timeout, as `timeout(1)`).
     """
     out = out if out is not None else sys.stdout
+    notices = notices if notices is not None else sys.stderr
     lock = threading.Lock()
     procs = [subprocess.Popen(list(c.argv), env=c.environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for c in cmds]
@@ -82,23 +114,30 @@ def run(cmds: Sequence[Command], *, timeout: float = 600.0, out: TextIO | None =
               for i, p in enumerate(procs)]
     for t in relays:
         t.start()
+
+    def notice(message: str) -> None:
+        with lock:
+            notices.write(f"launch.local: {message}\n")
+            notices.flush()
+
     deadline = time.monotonic() + timeout
     timed_out = False
-    while any(p.poll() is None for p in procs):
-        failed = any(p.returncode not in (None, 0) for p in procs)
-        timed_out = time.monotonic() > deadline
-        if failed or timed_out:
-            for p in procs:
-                if p.poll() is None:
-                    p.terminate()
-            for p in procs:
-                try:
-                    p.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+    while True:
+        codes = [p.poll() for p in procs]  # a list, not any(): every process is polled every round
+        failed = [f"process {i} exited with {_describe(code)}"
+                  for i, code in enumerate(codes) if code not in (None, 0)]
+        if failed:
+            notice(", ".join(failed) + ("; stopping the others" if None in codes else ""))
+            _stop(procs, grace=1.0)
             break
-        time.sleep(0.1)
+        if None not in codes:
+            break
+        if time.monotonic() > deadline:
+            timed_out = True
+            notice(f"still running after {timeout:g} s (--timeout); stopping every process")
+            _stop(procs, grace=10.0)
+            break
+        time.sleep(poll_seconds)
     for t in relays:
         t.join(timeout=5)
     codes = [p.returncode for p in procs]
@@ -121,10 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         print(dry_run_script(cmds), end="")
         return 0
-    codes = run(cmds, timeout=args.timeout)
-    for i, code in enumerate(codes):
-        if code != 0:
-            print(f"process {i} exited with {code}", file=sys.stderr)
+    codes = run(cmds, timeout=args.timeout)  # it names the first failure as it happens
     return max((abs(c) for c in codes), default=0)
 
 

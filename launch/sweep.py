@@ -120,16 +120,22 @@ def _set(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
     parent[done[-1]] = value
 
 
-def _check_loss_hparam(loss_name: str, key: str) -> None:
-    """KeyError unless `key` ("loss.NAME") names a hyperparameter of loss `loss_name` (the trainer's
-    own checks, prefjax.train.config_lib, with their did-you-mean)."""
+def _check_loss_hparam(loss_name: str, key: str, value: Any) -> None:
+    """KeyError unless `key` ("loss.NAME") names a hyperparameter of loss `loss_name`, ValueError unless
+    `value` is in its domain (the trainer's own checks, prefjax.train.config_lib: a did-you-mean, the
+    allowed range and why)."""
     from prefjax.train import config_lib  # pylint: disable=import-outside-toplevel
 
+    name = key[len("loss."):]
     try:
         config_lib.check_loss_name(loss_name)
-        config_lib.check_loss_hparams(loss_name, [key[len("loss."):]], source=f"no key {key!r}")
+        config_lib.check_loss_hparams(loss_name, [name], source=f"no key {key!r}")
     except config_lib.ConfigError as err:
         raise KeyError(str(err)) from None
+    try:
+        config_lib.check_loss_hparams(loss_name, {name: value}, source="loss")
+    except config_lib.ConfigError as err:
+        raise ValueError(str(err)) from None
 
 
 def expand(config_arg: str) -> tuple[ml_collections.ConfigDict, list[Run]]:
@@ -152,7 +158,7 @@ def expand(config_arg: str) -> tuple[ml_collections.ConfigDict, list[Run]]:
             try:
                 if key.startswith("loss.") and loss_name is not None:
                     # As on prefjax.main's command line: any hyperparameter of the run's loss.
-                    _check_loss_hparam(loss_name, key)
+                    _check_loss_hparam(loss_name, key, value)
                     trial.loss[key[len("loss."):]] = value
                     continue
                 _set(trial, key, value)
@@ -160,6 +166,8 @@ def expand(config_arg: str) -> tuple[ml_collections.ConfigDict, list[Run]]:
                 raise SweepError(f"{where}: add({key}=...): {err.args[0]}") from None
             except TypeError as err:
                 raise SweepError(f"{where}: add({key}={value!r}): {err}") from None
+            except ValueError as err:  # a loss hyperparameter outside its domain; the message names it
+                raise SweepError(f"{where}: {err}") from None
         runs.append(Run(tuple(keys), line))
 
     module.sweep(add)

@@ -67,10 +67,13 @@ def _user_errors() -> tuple[type, ...]:
     from prefjax.models.hf_config import HFConfigError
     from prefjax.models.safetensors_format import SafetensorsError
     from prefjax.models.tokenizer import TokenizerError
+    from prefjax.train import checkpoint
     from prefjax.train.config_lib import ConfigError
     from prefjax.train.loop import NonFiniteLossError
+    from prefjax.train.workdir_lock import WorkdirLockLostError
     return (ConfigError, DataError, CheckpointError, HFConfigError, SafetensorsError, TokenizerError,
-            HubError, HubDatasetError, DataKindError, PipelineEmptyError, FileNotFoundError, NonFiniteLossError)
+            HubError, HubDatasetError, DataKindError, PipelineEmptyError, FileNotFoundError, NonFiniteLossError,
+            WorkdirLockLostError, *checkpoint.USER_ERRORS)
 
 
 def _exit_with(message: str, verbose: bool) -> NoReturn:
@@ -239,15 +242,39 @@ def _check_quickstart_keys(config: ml_collections.ConfigDict, source: str) -> No
 
 def _init_distributed(config: ml_collections.ConfigDict) -> None:
     """jax's multi-controller runtime: from the config's coordinator settings, or on a TPU pod
-    from its environment. A single process on one host needs neither."""
+    from its environment. A single process on one host needs neither.
+
+    When a process dies, jax's coordination service (run by process 0) notices its missing
+    heartbeats within `distributed.heartbeat_timeout_seconds` and ends every other process with a
+    fatal log naming it ("Task 1 heartbeat timeout"). If process 0 itself dies, the others lose
+    the service ("Either the leader task was preempted/died") as soon as its connection closes, or
+    within the same timeout if its host vanished. The shutdown timeout stays jax's 300 s: it is
+    how long a finished process waits at exit for the others, and one that gave up sooner would
+    end a process 0 still writing the final export.
+    """
     d = config.distributed
+    heartbeat = _heartbeat_timeout(d)
     if d.coordinator_address:
         jax.distributed.initialize(coordinator_address=d.coordinator_address,
                                    num_processes=d.num_processes or None,
-                                   process_id=None if d.process_id < 0 else d.process_id)
+                                   process_id=None if d.process_id < 0 else d.process_id,
+                                   heartbeat_timeout_seconds=heartbeat)
     elif any(os.environ.get(var) for var in ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")) or (
             os.environ.get("SLURM_NTASKS", "1") not in ("", "1") and os.environ.get("SLURM_STEP_NODELIST")):
-        jax.distributed.initialize()  # TPU pods and SLURM clusters describe themselves
+        # TPU pods and SLURM clusters describe themselves
+        jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat)
+
+
+def _heartbeat_timeout(distributed: ml_collections.ConfigDict) -> int:
+    """config.distributed.heartbeat_timeout_seconds, checked: jax takes whole seconds, at least 1."""
+    from prefjax.train import config_lib  # pylint: disable=import-outside-toplevel
+
+    value = distributed.heartbeat_timeout_seconds
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise config_lib.ConfigError(
+            f"config.distributed.heartbeat_timeout_seconds={value!r}: must be a whole number of seconds >= 1 "
+            "(how long a process may go silent before the others stop; default 20)")
+    return value
 
 
 if __name__ == "__main__":

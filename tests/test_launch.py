@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -517,6 +518,200 @@ def test_local_stops_the_others_when_one_process_fails(capsys):
     assert codes[0] == 3 and codes[1] != 0
     assert time.monotonic() - start < 30
     assert "[0] bye" in capsys.readouterr().out
+
+
+class _TimedText:
+    """A text stream that keeps each write with the moment it was made."""
+
+    def __init__(self):
+        self.writes: list[tuple[float, str]] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append((time.monotonic(), text))
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def text(self) -> str:
+        return "".join(t for _, t in self.writes)
+
+
+# Dies by SIGKILL after saying when (time.monotonic is one clock for every process on Linux).
+_VICTIM = ("import os, signal, time; time.sleep(0.5); print('dying at', time.monotonic(), flush=True); "
+           "os.kill(os.getpid(), signal.SIGKILL)")
+# Ignores SIGTERM, as a trainer busy saving might: only the launcher's SIGKILL stops it.
+_SURVIVOR = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(60)"
+
+
+@pytest.mark.parametrize("victim", [0, 1])
+def test_local_sees_whichever_process_dies_first_and_stops_the_rest(victim):
+    cmds = [local.Command([sys.executable, "-c", _SURVIVOR]) for _ in range(3)]
+    cmds[victim] = local.Command([sys.executable, "-c", _VICTIM])
+    out, notices = _TimedText(), _TimedText()
+    codes = local.run(cmds, timeout=100, out=out, notices=notices)
+    returned = time.monotonic()
+    died = float(re.search(rf"\[{victim}\] dying at (\S+)", out.text()).group(1))
+    assert codes[victim] == -9
+    assert [c for i, c in enumerate(codes) if i != victim] == [-9, -9]  # SIGTERM ignored, then SIGKILL
+    # Named once, as soon as it was seen; the others stopped within the 1 s grace.
+    assert notices.text() == f"launch.local: process {victim} exited with -9 (SIGKILL); stopping the others\n"
+    assert notices.writes[0][0] - died < 1.0
+    assert returned - died < 3.0
+
+
+def test_local_returns_every_code_of_a_clean_run_and_stops_everyone_at_the_timeout():
+    quick = [local.Command([sys.executable, "-c", f"import time; time.sleep({t})"]) for t in (0.3, 0, 0.6)]
+    notices = _TimedText()
+    assert local.run(quick, timeout=30, out=_TimedText(), notices=notices) == [0, 0, 0]
+    assert notices.text() == ""
+    sleepers = [local.Command([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(2)]
+    start = time.monotonic()
+    assert local.run(sleepers, timeout=0.5, out=_TimedText(), notices=notices) == [124, 124]
+    assert time.monotonic() - start < 5
+    assert notices.text() == "launch.local: still running after 0.5 s (--timeout); stopping every process\n"
+
+
+def _trainer_commands(workdir: Path, *extra: str) -> list[local.Command]:
+    """The two processes launch.local would start for a long tiny run in `workdir`."""
+    return local.commands([f"--config={ROOT / 'configs' / 'tiny_dpo.py'}", f"--workdir={workdir}",
+                           "--config.total_steps=100000", "--config.data.max_len=32", "--config.data.batch_size=4",
+                           "--config.checkpoint.export_hf=false", "--config.peak_flops=1e12", *extra],
+                          num_processes=2, devices_per_process=1, port=local.free_port(),
+                          inherited_xla_flags=os.environ.get("XLA_FLAGS", ""))
+
+
+def _pid_of(*words: str) -> int | None:
+    """The process whose command line holds every one of `words` (Linux /proc), if any."""
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:  # gone, or not a process
+            continue
+        if entry.name.isdigit() and all(w in argv for w in words):
+            return int(entry.name)
+    return None
+
+
+def test_local_reports_a_dead_trainer_process_and_stops_the_other(tmp_path):
+    workdir = tmp_path / "run"
+    cmds = _trainer_commands(workdir)
+    out, notices, codes = _TimedText(), _TimedText(), []
+    launcher = threading.Thread(target=lambda: codes.extend(local.run(cmds, timeout=120, out=out, notices=notices)))
+    launcher.start()
+    deadline = time.monotonic() + 100
+    # Process 1 speaks once jax.distributed has connected it; process 0 is then still setting up.
+    while "[1] " not in out.text() and launcher.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    pid = _pid_of(f"--workdir={workdir}", "--config.distributed.process_id=1")
+    assert pid is not None, out.text()[-3000:]
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    launcher.join(timeout=60)
+    assert not launcher.is_alive()
+    assert codes[1] == -9 and codes[0] != 0
+    assert notices.text() == "launch.local: process 1 exited with -9 (SIGKILL); stopping the others\n"
+    assert notices.writes[0][0] - killed < 1.0
+    assert time.monotonic() - killed < 5.0
+
+
+def test_init_distributed_passes_the_heartbeat_timeout_and_refuses_a_bad_one(monkeypatch):
+    import jax  # pylint: disable=import-outside-toplevel
+
+    from prefjax import main as prefjax_main  # pylint: disable=import-outside-toplevel
+    from prefjax.train import config_lib  # pylint: disable=import-outside-toplevel
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+    for var in ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_NTASKS", "SLURM_STEP_NODELIST"):
+        monkeypatch.delenv(var, raising=False)
+    config = config_lib.trainer_config()
+    prefjax_main._init_distributed(config)  # one process on one host: no jax.distributed
+    assert calls == []
+    config.distributed.update(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=1,
+                              heartbeat_timeout_seconds=7)
+    prefjax_main._init_distributed(config)
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.1,10.0.0.2")
+    config.distributed.coordinator_address = ""
+    prefjax_main._init_distributed(config)  # a TPU pod describes itself; the timeout is still ours
+    assert calls == [{"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1,
+                      "heartbeat_timeout_seconds": 7}, {"heartbeat_timeout_seconds": 7}]
+    for bad in (0, -3):
+        config.distributed.heartbeat_timeout_seconds = bad
+        with pytest.raises(config_lib.ConfigError) as info:
+            prefjax_main._init_distributed(config)
+        assert str(info.value) == (f"config.distributed.heartbeat_timeout_seconds={bad}: must be a whole number "
+                                   "of seconds >= 1 (how long a process may go silent before the others stop; "
+                                   "default 20)")
+    assert len(calls) == 2
+
+
+class _Trainers:
+    """Two prefjax processes started directly (no launcher to stop one when the other dies), their
+    output gathered line by line."""
+
+    def __init__(self, cmds: list[local.Command]):
+        self.procs = [subprocess.Popen(list(c.argv), env=c.environment(), cwd=ROOT, stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT) for c in cmds]
+        self.lines: list[list[str]] = [[] for _ in cmds]
+        self.readers = [threading.Thread(target=self._read, args=(i,), daemon=True) for i in range(len(cmds))]
+        for t in self.readers:
+            t.start()
+
+    def _read(self, i: int) -> None:
+        for raw in iter(self.procs[i].stdout.readline, b""):
+            self.lines[i].append(raw.decode(errors="replace"))
+
+    def output(self, i: int) -> str:
+        return "".join(self.lines[i])
+
+    def wait_for(self, pattern: str, i: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not re.search(pattern, self.output(i), re.MULTILINE):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in self.procs), \
+                f"no {pattern!r} from process {i}: " + "".join(self.output(j)[-2000:] for j in range(2))
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        for t in self.readers:
+            t.join(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def _compile_cache(tmp_path_factory) -> Path:
+    """One jax compilation cache for this module's trainer runs: the second compiles nothing."""
+    return tmp_path_factory.mktemp("jax_compile_cache")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim, named", [
+    (1, "Task 1 heartbeat timeout"),  # process 0 hosts jax's coordination service: it names the silent task
+    (0, "Either the leader task was preempted/died"),  # the others lose the service process 0 ran
+])
+def test_a_trainer_whose_peer_dies_exits_within_the_heartbeat_timeout_naming_it(tmp_path, monkeypatch,
+                                                                                  _compile_cache, victim, named):
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(_compile_cache))
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    heartbeat = 5
+    trainers = _Trainers(_trainer_commands(tmp_path / "run",
+                                           f"--config.distributed.heartbeat_timeout_seconds={heartbeat}"))
+    survivor = 1 - victim
+    try:
+        # Process 0 has its first step compiled: both are past start-up and into the training loop.
+        trainers.wait_for(r"^compiled train step", 0, timeout=240)
+        trainers.procs[victim].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        code = trainers.procs[survivor].wait(timeout=heartbeat + 30)
+        took = time.monotonic() - killed
+    finally:
+        trainers.stop()
+    assert code != 0
+    assert took < heartbeat + 10, took
+    assert named in trainers.output(survivor), trainers.output(survivor)[-3000:]
 
 
 @pytest.mark.slow

@@ -53,9 +53,13 @@ def _main(*args, workdir, timeout=120):
     ((f"--config={TINY}", "--config.grad_accum=3"),
      ["error: data.batch_size=8 must be a multiple of grad_accum=3"]),
     (("--config=configs/no_such.py",), ["error: --config=configs/no_such.py: no such config file"]),
+    ((f"--config={TINY}", "--config.loss_name=ipo", "--config.loss.beta=0"),
+     ["note: loss_name dpo -> ipo: config.loss = {'beta': 0.0}",
+      "error: config.loss.beta=0.0: loss 'ipo' needs beta > 0 (it divides by it: the IPO target is 1/(2*beta)); "
+      "set a positive value"]),
 ], ids=["missing-data-file", "misspelled-file-key", "misspelled-override", "unknown-loss", "bad-loss-hparam",
         "mesh-does-not-fit", "prompt-longer-than-max-len", "batch-does-not-split",
-        "missing-config-file"])
+        "missing-config-file", "loss-hparam-outside-its-domain"])
 def test_a_user_mistake_is_one_or_two_lines(tmp_path, args, expected):
     config_file = tmp_path / "mine.py"
     config_file.write_text(MISSPELLED_FILE)

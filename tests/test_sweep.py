@@ -203,3 +203,17 @@ def test_a_sweep_sets_any_hyperparameter_of_each_runs_loss_as_the_command_line_d
     with pytest.raises(sweep.SweepError, match=r"no key 'loss.gama': loss 'simpo' has no hyperparameter gama \(did you mean gamma\?\); "
                                                  r"its hyperparameters \(paper defaults\): beta=2.0, gamma="):
         sweep.expand(str(path))
+
+
+def test_a_sweep_refuses_a_loss_hyperparameter_outside_its_domain_naming_the_add_line(tmp_path):
+    """The trainer's value check (config_lib.check_loss_hparams) runs when the sweep is expanded, not
+    when the run starts: IPO divides by beta."""
+    path = tmp_path / "cfg.py"
+    path.write_text('"""A test sweep."""\nimport ml_collections\n\n\ndef get_config():\n'
+                    '    return ml_collections.ConfigDict(dict(loss_name="dpo", loss=dict(beta=0.1)))\n\n\n'
+                    'def sweep(add):\n    add(loss_name="ipo", loss__beta=0.5)\n'
+                    '    add(loss_name="ipo", loss__beta=0.0)\n')
+    with pytest.raises(sweep.SweepError) as err:
+        sweep.expand(str(path))
+    assert str(err.value) == (f"{path}:11: loss.beta=0.0: loss 'ipo' needs beta > 0 (it divides by it: the IPO "
+                              "target is 1/(2*beta)); set a positive value")

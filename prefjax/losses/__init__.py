@@ -23,7 +23,7 @@ from prefjax.losses import (  # noqa: F401  (imported for registration)
     unpaired,
 )
 from prefjax.losses.reduction import weighted_sum_and_count
-from prefjax.losses.registry import LossInputError, LossSpec, get, names, register
+from prefjax.losses.registry import LossHparamError, LossInputError, LossSpec, get, names, register
 from prefjax.losses.types import (
     ListLogps,
     LossOutput,
@@ -35,6 +35,7 @@ from prefjax.losses.types import (
 
 __all__ = [
     "ListLogps",
+    "LossHparamError",
     "LossInputError",
     "LossOutput",
     "LossSpec",

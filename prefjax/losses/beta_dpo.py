@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from prefjax.losses import logspace, pair_metrics
+from prefjax.losses.hparam_domains import KL_BETA, Integer, interval, non_negative
 from prefjax.losses.registry import REFERENCE_PAIR, register
 from prefjax.losses.types import LossOutput, PairLogps
 
@@ -107,6 +108,16 @@ def _gaussian_select(gap: Array, valid: Array, center: Array, scale: Array, coun
     equation="-log sigma(beta_b h) on floor(rho B) pairs drawn w/o replacement with p ~ "
     "exp(-(h-M_0)^2/2 sigma^2); beta_b = beta (1 + alpha (mean_sel h - M_0)), M_0, sigma EMAs of h",
     init_state=init_beta_dpo_state,
+    domains={
+        "beta": KL_BETA,
+        "alpha": non_negative("beta's sensitivity to the selected pairs' gap; a negative value would lower "
+                              "beta on informative batches, the opposite of the method"),
+        "rho": interval(0.0, 1.0, low_open=True, why="the fraction of the batch kept: it must keep something "
+                        "and cannot keep more than all"),
+        "momentum": interval(0.0, 1.0, high_open=True, why="the running statistics' EMA weight: at 1 they "
+                             "never move from their start at 0"),
+        "seed": Integer(why="it seeds the selection's PRNG key"),
+    },
 )
 def beta_dpo(
     lp: PairLogps,
@@ -130,10 +141,6 @@ def beta_dpo(
     Returns losses for every example and `keep` (the selected ones).
     """
     del seed  # consumed by init_state
-    if not 0.0 < rho <= 1.0:
-        raise ValueError(f"beta_dpo needs 0 < rho <= 1 (fraction kept), got {rho}")
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"beta_dpo needs 0 <= momentum < 1, got {momentum}")
     rho_w, rho_l = pair_metrics.log_ratios(lp)
     h = rho_w - rho_l
     gap = jax.lax.stop_gradient(h)

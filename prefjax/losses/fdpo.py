@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from prefjax.losses import logspace, pair_metrics
+from prefjax.losses.hparam_domains import KL_BETA, Choice, interval, positive
 from prefjax.losses.registry import REFERENCE_PAIR, register
 from prefjax.losses.types import LossOutput, PairLogps
 
@@ -69,6 +70,17 @@ def f_prime(rho: Array, divergence: str, alpha: float, log_ratio_clip: float) ->
     "Optimization with Diverse Divergence Constraints (f-DPO, Table 1)",
     equation="-log sigma(beta f'(exp rho_w) - beta f'(exp rho_l)); f' of reverse KL, "
     "forward KL, JS or alpha-divergence",
+    domains={
+        "beta": KL_BETA,
+        "divergence": Choice(why="the f-divergences whose f' is implemented, the paper's Table 1",
+                             choices=DIVERGENCES),
+        "alpha": positive("the alpha-divergence divides by it: f'(u) = (1 - u^-alpha)/alpha (read only with "
+                          "divergence='alpha')"),
+        "log_ratio_clip": interval(
+            0.0, 88.0, low_open=True,
+            why="it bounds the exponent of exp(): 0 leaves no range, and exp() of more than 88.7 "
+            "overflows float32"),
+    },
 )
 def fdpo(
     lp: PairLogps,
@@ -86,10 +98,6 @@ def fdpo(
     metrics are the f-DPO implicit rewards beta f'(u) (constants dropped), so that
     rewards/margins is the loss's logit; for reverse_kl they equal DPO's.
     """
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"fdpo: unknown divergence {divergence!r}; valid divergences are {DIVERGENCES}")
-    if divergence == "alpha" and not alpha > 0.0:
-        raise ValueError(f"fdpo: the alpha-divergence needs alpha > 0, got {alpha}")
     rho_w, rho_l = pair_metrics.log_ratios(lp)
     reward_w = beta * f_prime(rho_w, divergence, alpha, log_ratio_clip)
     reward_l = beta * f_prime(rho_l, divergence, alpha, log_ratio_clip)

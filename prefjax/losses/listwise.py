@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from prefjax.losses import logspace
+from prefjax.losses.hparam_domains import KL_BETA, NLL_WEIGHT, Flag
 from prefjax.losses.registry import register
 from prefjax.losses.types import ListLogps, LossOutput
 
@@ -121,6 +122,7 @@ def _rank_positions(s: Array, scores: Array, valid: Array) -> Array:
     equation="sum_{psi_i > psi_j} -Delta_ij log sigma(s_i - s_j), s = beta rho, "
     "Delta_ij = |G_i - G_j| |1/D(tau_i) - 1/D(tau_j)|, G = 2^psi - 1, D(tau) = ln(1 + tau), "
     "tau = rank of sg(s)",
+    domains={"beta": KL_BETA},
 )
 def lipo(lp: ListLogps, *, beta: float = 0.05) -> LossOutput:
     """LiPO-lambda: DPO's pairwise logistic loss on every ordered pair, weighted by its DCG swap cost.
@@ -162,6 +164,10 @@ def lipo(lp: ListLogps, *, beta: float = 0.05) -> LossOutput:
     equation="sum_{k<n} -log[exp(s_k t_kk) / sum_{i>=k} exp(s_i t_ki)] "
     "+ sft_weight (n-1)^2 (-log pi_theta(y^1|x)), s = log pi_theta(y|x)/|y|, "
     "t_ki = psi_k - psi_i, t_kk = max_{i>k} t_ki (t = 1 without dynamic temperature)",
+    domains={
+        "sft_weight": NLL_WEIGHT,
+        "dynamic_temperature": Flag(why="it switches the paper's score-gap temperature on or off"),
+    },
 )
 def pro(lp: ListLogps, *, sft_weight: float = 0.05, dynamic_temperature: bool = True) -> LossOutput:
     """PRO: nested softmax contrasts of length-averaged log-likelihoods down the ranking, plus SFT on y^1.
@@ -207,6 +213,7 @@ def pro(lp: ListLogps, *, sft_weight: float = 0.05, dynamic_temperature: bool = 
     uses=("mask",),
     paper="Rafailov et al. 2023, Direct Preference Optimization (Appendix A.3, eq. 18: Plackett-Luce)",
     equation="sum_{k<K} -log[exp(beta rho(y_(k))) / sum_{j>=k} exp(beta rho(y_(j)))], y_(1..K) sorted by psi",
+    domains={"beta": KL_BETA},
 )
 def plackett_luce(lp: ListLogps, *, beta: float = 0.1) -> LossOutput:
     """DPO under the Plackett-Luce ranking model: each response must win a softmax over those below it.

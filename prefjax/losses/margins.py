@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from prefjax.losses import logspace, pair_metrics
+from prefjax.losses.hparam_domains import KL_BETA, Choice, LeadingPositiveWeights, any_real
 from prefjax.losses.registry import REFERENCE_PAIR, LossInputError, register
 from prefjax.losses.types import LossOutput, PairLogps
 
@@ -63,6 +64,15 @@ def _odpo_offset(lp: PairLogps, alpha: float, scaling: str, offset_from: str) ->
     uses=("score_chosen", "score_rejected", "margin"),
     paper="Amini et al. 2024, Direct Preference Optimization with an Offset (ODPO)",
     equation="-log sigma(beta h - Delta), Delta = alpha log(s_w - s_l) (or alpha * margin)",
+    domains={
+        "beta": KL_BETA,
+        "alpha": any_real("it scales the offset alpha*f(s_w - s_l) that the margin must exceed; 0 is DPO"),
+        "scaling": Choice(
+            why="f of the offset alpha*f(s_w - s_l): the paper's log or its ablation's identity",
+            choices=SCALINGS),
+        "offset_from": Choice(why="where the offset comes from: the score columns or the margin column",
+                              choices=OFFSET_SOURCES),
+    },
 )
 def odpo(
     lp: PairLogps,
@@ -80,10 +90,6 @@ def odpo(
     offset_from="margin" (needs margin): Delta = alpha * margin, the column taken
     as an already-scaled offset. alpha = 0 is DPO.
     """
-    if scaling not in SCALINGS:
-        raise ValueError(f"odpo: unknown scaling {scaling!r}; valid scalings are {SCALINGS}")
-    if offset_from not in OFFSET_SOURCES:
-        raise ValueError(f"odpo: unknown offset_from {offset_from!r}; valid values are {OFFSET_SOURCES}")
     rho_w, rho_l = pair_metrics.log_ratios(lp)
     offset = _odpo_offset(lp, alpha, scaling, offset_from)
     losses = logspace.neg_log_sigmoid(beta * (rho_w - rho_l) - offset)
@@ -116,6 +122,11 @@ def _weighted_margin_scores(lp: PairLogps, weights: Sequence[float]) -> tuple[Ar
     paper="Zhou et al. 2024, Beyond One-Preference-Fits-All Alignment: Multi-Objective "
     "Direct Preference Optimization (MODPO)",
     equation="-log sigma((1/w_k) [beta h - w_{-k}^T (r_{-k}(y_w) - r_{-k}(y_l))])",
+    domains={
+        "beta": KL_BETA,
+        "weights": LeadingPositiveWeights(
+            why="the logit is divided by w_k, and w_1.. weigh the margin reward models' score gaps"),
+    },
 )
 def modpo(lp: PairLogps, *, beta: float = 0.1, weights: tuple = (0.5, 0.5)) -> LossOutput:
     """MODPO (Zhou et al. 2024): DPO on objective k with the other objectives' rewards as a margin.
@@ -126,10 +137,6 @@ def modpo(lp: PairLogps, *, beta: float = 0.1, weights: tuple = (0.5, 0.5)) -> L
     DPO. rewards/* are MODPO's own rewards (beta rho - w_{-k}^T r_{-k}) / w_k, as
     in the authors' trainer.
     """
-    if len(weights) < 2:
-        raise ValueError(f"modpo: weights needs w_k and at least one margin weight, got {weights!r}")
-    if not weights[0] > 0.0:
-        raise ValueError(f"modpo: weights[0] (w_k, the divisor) must be > 0, got {weights[0]}")
     rho_w, rho_l = pair_metrics.log_ratios(lp)
     margin_w, margin_l = _weighted_margin_scores(lp, weights)
     w_k = float(weights[0])

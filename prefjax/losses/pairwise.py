@@ -11,6 +11,14 @@ import jax
 import jax.numpy as jnp
 
 from prefjax.losses import logspace, pair_metrics
+from prefjax.losses.hparam_domains import (
+    DPO_LABEL_SMOOTHING,
+    KL_BETA,
+    NLL_WEIGHT,
+    interval,
+    non_negative,
+    positive,
+)
 from prefjax.losses.registry import LENGTH_PAIR, REFERENCE_PAIR, register
 from prefjax.losses.types import LossOutput, PairLogps
 
@@ -31,6 +39,7 @@ def _dpo_metrics(lp: PairLogps, beta: float) -> tuple[Array, Array, dict[str, Ar
     paper="Rafailov et al. 2023, Direct Preference Optimization (eq. 7); "
     "label smoothing = cDPO (Mitchell 2023)",
     equation="-(1-eps) log sigma(beta h) - eps log sigma(-beta h)",
+    domains={"beta": KL_BETA, "label_smoothing": DPO_LABEL_SMOOTHING},
 )
 def dpo(lp: PairLogps, *, beta: float = 0.1, label_smoothing: float = 0.0) -> LossOutput:
     """DPO's sigmoid loss; `label_smoothing` = eps > 0 gives conservative DPO."""
@@ -48,11 +57,15 @@ def dpo(lp: PairLogps, *, beta: float = 0.1, label_smoothing: float = 0.0) -> Lo
     requires=REFERENCE_PAIR,
     paper="Chowdhury et al. 2024, Provably Robust DPO (eq. 8)",
     equation="[(1-eps)(-log sigma(beta h)) - eps(-log sigma(-beta h))] / (1 - 2 eps)",
+    domains={
+        "beta": KL_BETA,
+        "label_smoothing": interval(
+            0.0, 0.5, high_open=True,
+            why="it divides by 1 - 2 label_smoothing; the method assumes flip rates below 1/2"),
+    },
 )
 def robust_dpo(lp: PairLogps, *, beta: float = 0.1, label_smoothing: float = 0.1) -> LossOutput:
     """rDPO: unbiased estimate of the clean DPO loss when labels flip at rate eps < 1/2."""
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"robust_dpo needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
     rho_w, rho_l, metrics = _dpo_metrics(lp, beta)
     logits = beta * (rho_w - rho_l)
     eps = label_smoothing
@@ -67,6 +80,7 @@ def robust_dpo(lp: PairLogps, *, beta: float = 0.1, label_smoothing: float = 0.1
     paper="Azar et al. 2023, A General Theoretical Paradigm to Understand Learning "
     "from Human Preferences (eq. 17, IPO)",
     equation="(h - 1/(2 beta))^2",
+    domains={"beta": positive("it divides by it: the IPO target is 1/(2*beta)")},
 )
 def ipo(lp: PairLogps, *, beta: float = 0.1) -> LossOutput:
     """IPO: squared regression of the margin h onto 1/(2 beta) (sequence sums, as in the paper)."""
@@ -82,6 +96,7 @@ def ipo(lp: PairLogps, *, beta: float = 0.1) -> LossOutput:
     paper="Liu et al. 2024, Statistical Rejection Sampling Improves Preference "
     "Optimization (RSO hinge-norm; SLiC with reference normalisation)",
     equation="max(0, 1 - beta h)",
+    domains={"beta": KL_BETA},
 )
 def hinge(lp: PairLogps, *, beta: float = 0.1) -> LossOutput:
     """RSO's hinge-norm loss: SLiC's calibration hinge on the reference-normalised margin."""
@@ -98,11 +113,15 @@ def hinge(lp: PairLogps, *, beta: float = 0.1) -> LossOutput:
     "Alignment (EXO, pairwise case of eq. 13 with smoothed labels)",
     equation="KL(p_theta || p_label): sigma(beta h)[log sigma(beta h) - log(1-eps)] "
     "+ sigma(-beta h)[log sigma(-beta h) - log eps]",
+    domains={
+        "beta": KL_BETA,
+        "label_smoothing": interval(
+            0.0, 1.0, low_open=True, high_open=True,
+            why="the loss takes log(label_smoothing) and log(1 - label_smoothing)"),
+    },
 )
 def exo(lp: PairLogps, *, beta: float = 0.1, label_smoothing: float = 1e-3) -> LossOutput:
     """EXO: reverse KL from the policy's pair distribution to the (smoothed) label distribution."""
-    if not 0.0 < label_smoothing < 1.0:
-        raise ValueError(f"exo needs 0 < label_smoothing < 1, got {label_smoothing}")
     rho_w, rho_l, metrics = _dpo_metrics(lp, beta)
     logits = beta * (rho_w - rho_l)
     log_p_w = -_neg_log_sigmoid(logits)
@@ -119,6 +138,7 @@ def exo(lp: PairLogps, *, beta: float = 0.1, label_smoothing: float = 1e-3) -> L
     paper="Chen et al. 2024, Noise Contrastive Alignment of Language Models with "
     "Explicit Rewards (NCA, pairwise preference case)",
     equation="-log sigma(beta rho_w) - 1/2 log sigma(-beta rho_w) - 1/2 log sigma(-beta rho_l)",
+    domains={"beta": KL_BETA},
 )
 def nca(lp: PairLogps, *, beta: float = 0.1) -> LossOutput:
     """NCA: optimises absolute likelihoods (rho_w up) rather than only the margin."""
@@ -135,6 +155,7 @@ def nca(lp: PairLogps, *, beta: float = 0.1) -> LossOutput:
     paper="Wu et al. 2024, Self-Play Preference Optimization (eq. 4.8 with hard "
     "win probabilities 1 and 0, eta = 1/beta)",
     equation="(rho_w - 1/(2 beta))^2 + (rho_l + 1/(2 beta))^2",
+    domains={"beta": positive("it divides by it: the targets are +-1/(2*beta)")},
 )
 def sppo_hard(lp: PairLogps, *, beta: float = 0.1) -> LossOutput:
     """SPPO with hard labels: each log-ratio regressed onto +-eta/2, eta = 1/beta."""
@@ -150,6 +171,7 @@ def sppo_hard(lp: PairLogps, *, beta: float = 0.1) -> LossOutput:
     requires=REFERENCE_PAIR,
     paper="D'Oosterlinck et al. 2024, Anchored Preference Optimization (APO-zero)",
     equation="(1 - sigma(beta rho_w)) + sigma(beta rho_l)",
+    domains={"beta": KL_BETA},
 )
 def apo_zero(lp: PairLogps, *, beta: float = 0.1) -> LossOutput:
     """APO-zero: push chosen likelihood up and rejected down, each anchored at the reference."""
@@ -164,6 +186,7 @@ def apo_zero(lp: PairLogps, *, beta: float = 0.1) -> LossOutput:
     requires=REFERENCE_PAIR,
     paper="D'Oosterlinck et al. 2024, Anchored Preference Optimization (APO-down)",
     equation="sigma(beta rho_w) + (1 - sigma(beta h))",
+    domains={"beta": KL_BETA},
 )
 def apo_down(lp: PairLogps, *, beta: float = 0.1) -> LossOutput:
     """APO-down: both likelihoods go down, the rejected one faster (for chosen worse than the model)."""
@@ -179,6 +202,11 @@ def apo_down(lp: PairLogps, *, beta: float = 0.1) -> LossOutput:
     paper="Pal et al. 2024, Smaug: Fixing Failure Modes of Preference Optimisation "
     "with DPO-Positive (eq. 3)",
     equation="-log sigma(beta [h - lambda max(0, -rho_w)])",
+    domains={
+        "beta": KL_BETA,
+        "dpop_lambda": non_negative(
+            "it weighs the penalty on a chosen log-ratio below 0; a negative weight would reward it"),
+    },
 )
 def dpo_positive(lp: PairLogps, *, beta: float = 0.1, dpop_lambda: float = 50.0) -> LossOutput:
     """DPOP: DPO plus a penalty whenever the chosen log-prob falls below the reference's."""
@@ -195,6 +223,7 @@ def dpo_positive(lp: PairLogps, *, beta: float = 0.1, dpop_lambda: float = 50.0)
     requires=REFERENCE_PAIR + LENGTH_PAIR,
     paper="Ahrabian et al. 2024, The Hitchhiker's Guide to Human Alignment with *PO (LN-DPO)",
     equation="-log sigma(beta [rho_w/|y_w| - rho_l/|y_l|])",
+    domains={"beta": KL_BETA},
 )
 def ln_dpo(lp: PairLogps, *, beta: float = 0.1) -> LossOutput:
     """Length-normalised DPO: per-token log-ratios instead of sequence sums."""
@@ -212,6 +241,11 @@ def ln_dpo(lp: PairLogps, *, beta: float = 0.1) -> LossOutput:
     paper="Park et al. 2024, Disentangling Length from Quality in Direct Preference "
     "Optimization (R-DPO, eq. 9)",
     equation="-log sigma(beta h + alpha (|y_w| - |y_l|))",
+    domains={
+        "beta": KL_BETA,
+        "alpha": non_negative(
+            "it weighs the length regulariser; a negative weight would favour longer responses"),
+    },
 )
 def length_regularized_dpo(lp: PairLogps, *, beta: float = 0.1, alpha: float = 0.01) -> LossOutput:
     """R-DPO: the reward r - alpha |y| in the Bradley-Terry model, so length alone earns no margin."""
@@ -228,6 +262,7 @@ def length_regularized_dpo(lp: PairLogps, *, beta: float = 0.1, alpha: float = 0
     paper="Liu et al. 2024, Provably Mitigating Overoptimization in RLHF: Your SFT "
     "Loss is Implicitly an Adversarial Regularizer (RPO, regularised)",
     equation="-log sigma(beta h) + alpha * (-log pi_theta(y_w|x) / |y_w|)",
+    domains={"beta": KL_BETA, "alpha": NLL_WEIGHT},
 )
 def rpo(lp: PairLogps, *, beta: float = 0.1, alpha: float = 1.0) -> LossOutput:
     """Regularised PO: DPO plus alpha times the token-mean NLL of the chosen response (TRL's rpo_alpha)."""

@@ -19,12 +19,16 @@ from __future__ import annotations
 import jax
 
 from prefjax.losses import logspace, pair_metrics
+from prefjax.losses.hparam_domains import DPO_LABEL_SMOOTHING, NLL_WEIGHT, any_real, non_negative, positive
 from prefjax.losses.registry import LENGTH_PAIR, register
 from prefjax.losses.types import LossOutput, PairLogps
 
 Array = jax.Array
 _neg_log_sigmoid = logspace.neg_log_sigmoid
 _stop = jax.lax.stop_gradient
+# beta of the reference-free Bradley-Terry losses (CPO, CPO-SimPO, TPO): the scale of the policy-only reward.
+POLICY_REWARD_BETA = positive(
+    "it scales the reward beta*l(y); 0 gives no gradient and a negative value prefers the rejected response")
 
 
 def _sequence_logps(lp: PairLogps) -> tuple[Array, Array]:
@@ -50,6 +54,12 @@ def _smoothed_sigmoid_loss(logits: Array, label_smoothing: float) -> Array:
     paper="Meng et al. 2024, SimPO: Simple Preference Optimization with a Reference-Free Reward (eq. 6); "
     "label smoothing as in the authors' trainer",
     equation="-log sigma(beta l(y_w)/|y_w| - beta l(y_l)/|y_l| - gamma), l(y) = log pi_theta(y|x)",
+    domains={
+        "beta": positive("it scales the length-normalised reward beta*l(y)/|y|; 0 gives no gradient and a "
+                         "negative value prefers the rejected response"),
+        "gamma": any_real("the target reward margin: it only shifts the logit"),
+        "label_smoothing": DPO_LABEL_SMOOTHING,
+    },
 )
 def simpo(
     lp: PairLogps, *, beta: float = 2.0, gamma: float = 1.0, label_smoothing: float = 0.0
@@ -68,6 +78,9 @@ def simpo(
     paper="Hong et al. 2024, ORPO: Monolithic Preference Optimization without Reference Model (eqs. 6-7)",
     equation="-l(y_w)/|y_w| - lambda log sigma(log odds(y_w) - log odds(y_l)), "
     "odds(y) = P/(1-P), P = exp(l(y)/|y|)",
+    domains={"beta": non_negative(
+        "it weighs the odds-ratio term (the paper's lambda); a negative weight would prefer the rejected "
+        "response")},
 )
 def orpo(lp: PairLogps, *, beta: float = 0.1) -> LossOutput:
     """ORPO: token-mean SFT loss plus beta (the paper's lambda, TRL's beta) times the odds-ratio loss."""
@@ -90,6 +103,7 @@ def orpo(lp: PairLogps, *, beta: float = 0.1) -> LossOutput:
     paper="Xu et al. 2024, Contrastive Preference Optimization: Pushing the Boundaries of LLM "
     "Performance in Machine Translation (eq. 3; NLL as the authors' token-mean cross-entropy)",
     equation="-log sigma(beta l(y_w) - beta l(y_l)) + alpha * (-l(y_w)/|y_w|)",
+    domains={"beta": POLICY_REWARD_BETA, "alpha": NLL_WEIGHT, "label_smoothing": DPO_LABEL_SMOOTHING},
 )
 def cpo(lp: PairLogps, *, beta: float = 0.1, alpha: float = 1.0, label_smoothing: float = 0.0) -> LossOutput:
     """CPO: DPO's form on raw sequence log-likelihoods plus alpha times the chosen token-mean NLL."""
@@ -108,6 +122,12 @@ def cpo(lp: PairLogps, *, beta: float = 0.1, alpha: float = 1.0, label_smoothing
     paper="Xu et al. 2024, CPO-SimPO (github.com/fe1ixxu/CPO_SIMPO): SimPO's loss plus CPO's "
     "NLL term; TRL CPOTrainer loss_type='simpo'; defaults from the authors' Llama-3 recipe",
     equation="-log sigma(beta l(y_w)/|y_w| - beta l(y_l)/|y_l| - gamma) + alpha * (-l(y_w)/|y_w|)",
+    domains={
+        "beta": POLICY_REWARD_BETA,
+        "gamma": any_real("the target reward margin: it only shifts the logit"),
+        "alpha": NLL_WEIGHT,
+        "label_smoothing": DPO_LABEL_SMOOTHING,
+    },
 )
 def cpo_simpo(
     lp: PairLogps,
@@ -133,6 +153,7 @@ def cpo_simpo(
     paper="Saeidi et al. 2024, Triple Preference Optimization (TPO; sigmoid loss, gold-response NLL "
     "as the authors' token-mean cross-entropy; defaults from the authors' script and TRL's TPOConfig)",
     equation="-log sigma(beta l(y_w) - beta l(y_l)) + alpha * (-l(y_gold)/|y_gold|)",
+    domains={"beta": POLICY_REWARD_BETA, "alpha": NLL_WEIGHT},
 )
 def triple_po(lp: PairLogps, *, beta: float = 0.01, alpha: float = 1.0) -> LossOutput:
     """TPO: CPO-style preference term on y_w vs y_l plus behavioural cloning of the gold response."""
@@ -152,6 +173,9 @@ def triple_po(lp: PairLogps, *, beta: float = 0.01, alpha: float = 1.0) -> LossO
     "(length-normalised probabilities)",
     equation="-l(y_w)/|y_w| - lambda [log sigma(log odds(y_w)) + log sigma(-log odds(y_l))], "
     "odds(y) = P/(1-P), P = exp(l(y)/|y|)",
+    domains={"lambda_coef": non_negative(
+        "it weighs the alignment term; a negative weight would push the chosen response's odds down and "
+        "the rejected one's up")},
 )
 def asft(lp: PairLogps, *, lambda_coef: float = 0.1) -> LossOutput:
     """ASFT: token-mean SFT loss plus a pointwise (BCE) push of each response's odds, no Bradley-Terry."""
@@ -173,6 +197,10 @@ def asft(lp: PairLogps, *, lambda_coef: float = 0.1) -> LossOutput:
     paper="Zhao et al. 2023, SLiC-HF: Sequence Likelihood Calibration with Human Feedback (eq. 1; "
     "rank calibration loss, cross-entropy regularisation on the chosen response)",
     equation="max(0, delta - l(y_w) + l(y_l)) + lambda * (-l(y_w))",
+    domains={
+        "delta": any_real("the calibration hinge's margin: it only shifts the hinge"),
+        "lambda_coef": NLL_WEIGHT,
+    },
 )
 def slic(lp: PairLogps, *, delta: float = 1.0, lambda_coef: float = 0.1) -> LossOutput:
     """SLiC-HF: hinge on the unnormalised log-likelihood margin plus a sequence-level NLL regulariser."""

@@ -3,15 +3,19 @@
 A loss is a pure function registered with `register`:
 
     @register("ipo", inputs=PairLogps, requires=REFERENCE_PAIR,
-              paper="...", equation="(h - 1/(2 beta))^2")
+              paper="...", equation="(h - 1/(2 beta))^2",
+              domains={"beta": hparam_domains.positive("it divides by it: ...")})
     def ipo(lp: PairLogps, *, beta: float = 0.1) -> LossOutput: ...
 
 Stateless losses take ``(inputs, **hparams)``; stateful ones (``init_state``
 given) take ``(inputs, state, **hparams)`` and return the new state in
 `LossOutput.state`. Hyperparameters are keyword-only with the paper's
-defaults. `LossSpec.__call__` checks the inputs (at trace time: shapes and
-presence, never values) before calling the function, so a missing field fails
-with the loss's name and the field's name rather than deep inside jnp.
+defaults, and each declares the values its formula admits (`domains`, see
+prefjax.losses.hparam_domains; registration refuses a default outside it).
+`LossSpec.__call__` checks the hyperparameters' names and (plain, not array)
+values, and the inputs (at trace time: shapes and presence, never values)
+before calling the function, so a missing field or a beta of 0 fails with the
+loss's name and the field's or key's name rather than deep inside jnp.
 """
 
 from __future__ import annotations
@@ -20,9 +24,12 @@ import dataclasses
 import inspect
 from typing import Any, Callable, Mapping, Optional
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from prefjax.losses import types
+from prefjax.losses.hparam_domains import Domain
 
 LossFn = Callable[..., types.LossOutput]
 
@@ -84,6 +91,19 @@ class LossInputError(ValueError):
     """Inputs that a loss cannot use: a missing field or a wrong shape."""
 
 
+class LossHparamError(ValueError):
+    """A hyperparameter value outside its declared domain.
+
+    `str(err)` is "beta=0.0: loss 'ipo' needs beta > 0 (why); set a positive value";
+    `hparam`, `value` and `reason` (the part after the colon) let a caller name the
+    key its own way (config_lib: "config.loss.beta=0.0: ...").
+    """
+
+    def __init__(self, hparam: str, value: Any, reason: str):
+        super().__init__(f"{hparam}={value!r}: {reason}")
+        self.hparam, self.value, self.reason = hparam, value, reason
+
+
 @dataclasses.dataclass(frozen=True)
 class LossSpec:
     """A registered loss and its declared needs.
@@ -98,6 +118,7 @@ class LossSpec:
       equation: the objective in one line, in the library's notation.
       init_state: for stateful losses, ``init_state(**hparams)`` returns the
         state before the first step; None for stateless losses.
+      domains: (name, Domain) for every hyperparameter: the values it may take and why.
     """
 
     name: str
@@ -108,6 +129,7 @@ class LossSpec:
     paper: str
     equation: str
     init_state: Optional[Callable[..., Any]] = None
+    domains: tuple[tuple[str, Domain], ...] = ()
 
     @property
     def stateful(self) -> bool:
@@ -158,6 +180,31 @@ class LossSpec:
                 f"(defaults: {allowed})"
             )
 
+    @property
+    def hparam_domains(self) -> dict[str, Domain]:
+        """Each hyperparameter's declared domain (see prefjax.losses.hparam_domains)."""
+        return dict(self.domains)
+
+    def hparam_problem(self, name: str, value: Any) -> Optional[str]:
+        """None if `value` is allowed for hyperparameter `name`, else the reason, e.g. "loss 'ipo'
+        needs beta > 0 (it divides by it: ...); set a positive value". Arrays are not checked."""
+        domain = self.hparam_domains.get(name)
+        # Unknown names are check_hparams' job; arrays (maybe traced) would need a device sync.
+        if domain is None or isinstance(value, (jax.Array, np.ndarray)):
+            return None
+        problem = domain.problem(value)
+        if problem is None:
+            return None
+        return (f"loss {self.name!r} needs {domain.requirement(name)} ({domain.why})"
+                f"{'; ' + problem if problem else ''}; set {domain.hint}")
+
+    def check_hparam_values(self, hparams: Mapping[str, Any]) -> None:
+        """Raises LossHparamError for the first value outside its hyperparameter's domain."""
+        for name, value in hparams.items():
+            reason = self.hparam_problem(name, value)
+            if reason is not None:
+                raise LossHparamError(name, value, reason)
+
     def check_inputs(self, inputs: Any) -> None:
         """Raises LossInputError if `inputs` lacks a field or has a bad shape."""
         if not isinstance(inputs, self.inputs):
@@ -176,6 +223,7 @@ class LossSpec:
     def __call__(self, inputs: Any, state: Any = None, **hparams: Any) -> types.LossOutput:
         """Checks inputs and hyperparameters, then calls the loss."""
         self.check_hparams(hparams)
+        self.check_hparam_values(hparams)
         self.check_inputs(inputs)
         if self.stateful:
             if state is None:
@@ -244,8 +292,16 @@ def register(
     paper: str,
     equation: str,
     init_state: Optional[Callable[..., Any]] = None,
+    domains: Optional[Mapping[str, Domain]] = None,
 ) -> Callable[[LossFn], LossFn]:
-    """Decorator that registers a loss under `name`; a duplicate name raises."""
+    """Decorator that registers a loss under `name`; a duplicate name raises.
+
+    `domains` maps each keyword-only hyperparameter to its `Domain` (every loss of
+    this library declares one for each; a throwaway loss may leave some out, and
+    their values go unchecked); a domain for no hyperparameter, or a default outside
+    its domain, raises TypeError here, at import.
+    """
+    domains = dict(domains or {})
     if inputs not in DATA_SHAPES:
         raise TypeError(f"loss {name!r}: unknown input container {inputs!r}")
     field_names = {f.name for f in dataclasses.fields(inputs)}
@@ -268,6 +324,7 @@ def register(
                 f"({'inputs, state' if expected == 2 else 'inputs'}) and keyword-only "
                 f"hyperparameters, got {[p.name for p in positional]}"
             )
+        _check_domains(name, fn, domains)
         _REGISTRY[name] = LossSpec(
             name=name,
             fn=fn,
@@ -277,10 +334,26 @@ def register(
             paper=paper,
             equation=equation,
             init_state=init_state,
+            domains=tuple(domains.items()),
         )
         return fn
 
     return decorate
+
+
+def _check_domains(name: str, fn: LossFn, domains: dict[str, Domain]) -> None:
+    """Every domain is a hyperparameter's, every default is inside its domain. (A hyperparameter without
+    a domain is not value-checked; every loss of this library declares them all, which a test checks.)"""
+    defaults = {p.name: p.default for p in inspect.signature(fn).parameters.values()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    extra = sorted(set(domains) - set(defaults))
+    if extra:
+        raise TypeError(f"loss {name!r}: domains given for {extra}, which are not its hyperparameters "
+                        f"({sorted(defaults)})")
+    for hparam, domain in domains.items():
+        if domain.problem(defaults[hparam]) is not None:
+            raise TypeError(f"loss {name!r}: default {hparam}={defaults[hparam]!r} is outside its "
+                            f"domain ({domain.requirement(hparam)})")
 
 
 def get(name: str) -> LossSpec:

@@ -14,10 +14,12 @@ import jax
 import jax.numpy as jnp
 
 from prefjax.losses import logspace
+from prefjax.losses.hparam_domains import Choice, Flag, non_negative
 from prefjax.losses.registry import register
 from prefjax.losses.types import LossOutput, RatedResponses, RewardPair
 
 Array = jax.Array
+ATTRIBUTE_REDUCTIONS = ("mean", "sum")
 
 
 def _reward_metrics(r_w: Array, r_l: Array) -> dict[str, Array]:
@@ -39,6 +41,12 @@ def _reward_metrics(r_w: Array, r_l: Array) -> dict[str, Array]:
     "(Llama 2) as in TRL's RewardTrainer; scaled: Wang et al. 2024, HelpSteer2-Preference "
     "(Scaled BT); centering: Eisenstein et al. 2023, Helping or Herding? (eq. 2)",
     equation="-log sigma(r_w - r_l - m) [scaled: -m log sigma(r_w - r_l)] + c (r_w + r_l)^2",
+    domains={
+        "use_margin": Flag(why="it switches the margin column's offset on or off"),
+        "scaled": Flag(why="it switches the margin column from an offset to a multiplier"),
+        "center_rewards_coefficient": non_negative(
+            "it weighs the penalty (r_w + r_l)^2; a negative weight would push the rewards away from 0"),
+    },
 )
 def bradley_terry(
     rp: RewardPair,
@@ -79,6 +87,8 @@ def bradley_terry(
     paper="Wang et al. 2024, HelpSteer2: Open-source dataset for training top-performing "
     "reward models (regression RM, as in SteerLM / NeMo-Aligner's regression reward model)",
     equation="mean (or sum) over rated attributes a of (r_a(x, y) - rating_a)^2",
+    domains={"attribute_reduction": Choice(why="how squared errors combine over attributes",
+                                           choices=ATTRIBUTE_REDUCTIONS)},
 )
 def rating_regression(rr: RatedResponses, *, attribute_reduction: str = "mean") -> LossOutput:
     """Multi-attribute rating regression (HelpSteer2 / SteerLM regression reward model).
@@ -90,10 +100,6 @@ def rating_regression(rr: RatedResponses, *, attribute_reduction: str = "mean") 
     rated attribute contributes 0. `where`, not multiplication, drops unrated
     entries so a NaN placeholder rating cannot leak.
     """
-    if attribute_reduction not in ("mean", "sum"):
-        raise ValueError(
-            f"rating_regression: attribute_reduction must be 'mean' or 'sum', got {attribute_reduction!r}"
-        )
     predicted, target = logspace.f32(rr.predicted), logspace.f32(rr.target)
     if rr.mask is None:
         rated = jnp.ones(predicted.shape, bool)

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from prefjax.losses import logspace
+from prefjax.losses.hparam_domains import Choice
 from prefjax.losses.registry import register
 from prefjax.losses.types import LossOutput, UnpairedLogps
 
@@ -38,11 +39,11 @@ NORMALIZATIONS = ("tokens", "sequence")
     "Training language models to follow instructions with human feedback, step 1)",
     equation="-log pi_theta(y|x) / mean_batch |y| (normalize='tokens'; or / |y|) on desirable examples "
     "(label 1); undesirable ones are left out",
+    domains={"normalize": Choice(why="what each NLL is divided by: the batch's mean length or its own",
+                               choices=NORMALIZATIONS)},
 )
 def sft(up: UnpairedLogps, *, normalize: str = "tokens") -> LossOutput:
     """Negative log-likelihood of each desirable response, per token (module docstring)."""
-    if normalize not in NORMALIZATIONS:
-        raise ValueError(f"sft: normalize={normalize!r}; choose one of {NORMALIZATIONS}")
     desirable = jnp.asarray(up.label) > 0
     nll = -logspace.f32(up.logps)
     length = logspace.f32(up.length)

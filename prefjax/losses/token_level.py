@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from prefjax.losses import logspace, pair_metrics
+from prefjax.losses.hparam_domains import KL_BETA, non_negative
 from prefjax.losses.registry import REFERENCE_PAIR, register
 from prefjax.losses.types import LossOutput, PairLogps
 
@@ -67,6 +68,7 @@ def _tdpo_terms(lp: PairLogps, beta: float) -> tuple[Array, Array, Array, dict[s
     paper="Zeng et al. 2024, Token-level Direct Preference Optimization (TDPO1)",
     equation="-log sigma(beta h - beta (D_l - D_w)), "
     "D_y = sum_t KL(pi_ref(.|x,y_<t) || pi_theta(.|x,y_<t))",
+    domains={"beta": KL_BETA},
 )
 def tdpo1(lp: PairLogps, *, beta: float = 0.1) -> LossOutput:
     """TDPO1 (Zeng et al. 2024): DPO's margin offset by the gap in sequential forward KL."""
@@ -82,6 +84,11 @@ def tdpo1(lp: PairLogps, *, beta: float = 0.1) -> LossOutput:
     paper="Zeng et al. 2024, Token-level Direct Preference Optimization (TDPO2)",
     equation="-log sigma(beta h - alpha beta (D_l - sg(D_w))), "
     "D_y = sum_t KL(pi_ref(.|x,y_<t) || pi_theta(.|x,y_<t))",
+    domains={
+        "beta": KL_BETA,
+        "alpha": non_negative("it weighs the sequential-KL gap; a negative weight would push the rejected "
+                              "response's KL up"),
+    },
 )
 def tdpo2(lp: PairLogps, *, beta: float = 0.1, alpha: float = 0.5) -> LossOutput:
     """TDPO2 (Zeng et al. 2024): alpha-scaled KL gap, no gradient through the chosen KL."""

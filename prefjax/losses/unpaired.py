@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from prefjax.losses import logspace, pair_metrics
+from prefjax.losses.hparam_domains import KL_BETA, NLL_WEIGHT, non_negative, positive
 from prefjax.losses.registry import REFERENCE_PAIR, register
 from prefjax.losses.types import LossOutput, PairLogps, UnpairedLogps
 
@@ -82,6 +83,13 @@ def _broadcast(scalar: Array, like: Array) -> Array:
     "Optimization (KTO loss with the mismatched-pair estimate of z0, sec. 4; as in TRL's KTOTrainer)",
     equation="lambda_y - v; v = lambda_D sigma(beta (rho - z0)) if desirable, "
     "lambda_U sigma(beta (z0 - rho)) if undesirable; z0 = max(0, mean rho(x, y')) without gradient",
+    domains={
+        "beta": KL_BETA,
+        "desirable_weight": non_negative("lambda_D weighs desirable examples' losses; a negative weight "
+                                         "would push their value down"),
+        "undesirable_weight": non_negative("lambda_U weighs undesirable examples' losses; a negative weight "
+                                           "would push their value down"),
+    },
 )
 def kto(
     up: UnpairedLogps,
@@ -148,6 +156,7 @@ def _bco_terms(shifted_reward: Array, desirable: Array | bool) -> Array:
     equation="-log sigma(beta rho - delta) if desirable, -log sigma(-(beta rho - delta)) if undesirable; "
     "delta = running mean of beta rho over all examples seen",
     init_state=_running_mean_init,
+    domains={"beta": KL_BETA},
 )
 def bco(up: UnpairedLogps, state: dict[str, Array], *, beta: float = 0.1) -> LossOutput:
     """BCO: a logistic classifier of desirability whose logit is the shifted implicit reward.
@@ -178,6 +187,7 @@ def bco(up: UnpairedLogps, state: dict[str, Array], *, beta: float = 0.1) -> Los
     equation="-log sigma(beta rho_w - delta) - log sigma(-(beta rho_l - delta)); "
     "delta = running mean of beta rho_w and beta rho_l over all pairs seen",
     init_state=_running_mean_init,
+    domains={"beta": KL_BETA},
 )
 def bco_pair(lp: PairLogps, state: dict[str, Array], *, beta: float = 0.1) -> LossOutput:
     """BCO on preference pairs: chosen classified desirable, rejected undesirable, one shared delta."""
@@ -207,6 +217,10 @@ def bco_pair(lp: PairLogps, state: dict[str, Array], *, beta: float = 0.1) -> Lo
     "Collapse to Effective Unlearning (eq. 3; NPO+RT with retain_weight > 0)",
     equation="undesirable (forget): -(2/beta) log sigma(-beta rho); "
     "desirable (retain): retain_weight * (-log pi_theta(y|x) / |y|)",
+    domains={
+        "beta": positive("it divides by it: the forget loss is (2/beta) log(1 + (pi/pi_ref)^beta)"),
+        "retain_weight": NLL_WEIGHT,
+    },
 )
 def npo(up: UnpairedLogps, *, beta: float = 0.1, retain_weight: float = 0.0) -> LossOutput:
     """NPO: DPO without positives, for unlearning; it tends to gradient ascent as beta -> 0.

@@ -13,6 +13,7 @@ out-shardings, so each device computes only its own shard.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import jax
@@ -63,12 +64,19 @@ def init_params(cfg: ModelConfig, seed: int = 0, mesh: Optional[Mesh] = None,
     Without a mesh the parameters land on the default device.
     """
     graphdef, _, _ = abstract(cfg)
+    return graphdef, _initialiser(cfg, mesh, rules)(jax.random.key(seed))
 
-    def create() -> Params:
-        return nnx.to_pure_dict(nnx.state(Transformer(cfg, rngs=nnx.Rngs(seed))))
+
+@functools.lru_cache(maxsize=8)
+def _initialiser(cfg: ModelConfig, mesh: Optional[Mesh], rules: Optional[sharding.Rules]) -> Any:
+    """The jitted initialiser of one model on one mesh, the PRNG key its argument: compiling it takes
+    seconds even for a tiny model (every weight's random draw), so a process that builds the same
+    model again (another seed, a rerun in a notebook or a test) reuses the program."""
+    def create(key: Array) -> Params:
+        return nnx.to_pure_dict(nnx.state(Transformer(cfg, rngs=nnx.Rngs(key))))
 
     out_shardings = None if mesh is None else param_shardings(cfg, mesh, rules)
-    return graphdef, jax.jit(create, out_shardings=out_shardings)()
+    return jax.jit(create, out_shardings=out_shardings)
 
 
 def apply(graphdef: nnx.GraphDef, params: Params, tokens_BxT: Array, **kwargs: Any,

@@ -11,6 +11,7 @@
     export.py           the trained policy as a Hugging Face folder
     state.py            TrainState: what a checkpoint holds
     checkpoint.py       orbax checkpoints (state, data position, metadata)
+    state_digest.py     per-leaf checksums of the state, computed on device (checkpoint integrity)
     resume.py           a rerun's config against the checkpointed one; every config kept
     startup.py          the start-up report (printed, and summary.json's "startup")
     preemption.py       SIGTERM / preemption sync points

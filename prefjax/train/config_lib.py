@@ -9,7 +9,8 @@ configs/README.md lists every key with its default and meaning (generated from
 misspelled key in a config file would otherwise be a new key, silently
 ignored), with a did-you-mean. `validate(config)` checks everything that can be
 checked without a device program, and raises ConfigError saying what is wrong
-and what is allowed: unknown keys, loss names and hyperparameters, a loss that
+and what is allowed: unknown keys, loss names, hyperparameter names and values (each
+loss declares its hyperparameters' domains), a loss that
 needs a reference with reference "none", a mesh that does not match the
 devices, a batch that does not split over the data-parallel devices or into
 micro-batches, the data pipeline's settings (truncation limits against
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import jax
 import ml_collections
@@ -60,6 +61,9 @@ def trainer_config() -> ConfigDict:
     c.total_steps = 20  # optimizer steps of the run (a resumed run continues to this count)
     c.grad_accum = 1  # micro-batches per step (data.batch_size must divide by it)
     c.on_nonfinite = "stop"  # "stop": end the run with a message; "skip": drop the batch, count it
+    c.nonfinite_max_consecutive = 10  # on_nonfinite="skip": stop after this many skipped steps in a row
+    # on_nonfinite="skip": stop once more than this fraction of total_steps has been skipped (at least one)
+    c.nonfinite_max_fraction = 0.05
 
     c.model = ConfigDict(dict(
         preset="llama2-tiny",  # a prefjax.models preset name, used when hf_folder is empty
@@ -132,6 +136,16 @@ def trainer_config() -> ConfigDict:
         coordinator_address="",  # "host:port" of process 0 for multi-host runs ("" = one host, or the TPU pod's)
         num_processes=0,  # processes in the run (0 = from the environment)
         process_id=-1,  # this process's index (-1 = from the environment)
+        # seconds without a heartbeat after which jax's coordination service declares a process dead
+        # and stops the others (jax's own default is 100)
+        heartbeat_timeout_seconds=20,
+    ))
+    c.workdir_lock = ConfigDict(dict(
+        enabled=True,  # one run per workdir: a second run on the same workdir is refused
+        heartbeat_seconds=10.0,  # how often the running trainer refreshes its lock
+        # a lock not refreshed for this long is stale (its run died on another host) and is taken over;
+        # on the same host a lock whose process is gone is taken over at once
+        stale_seconds=120.0,
     ))
     c.checkpoint = ConfigDict(dict(
         every=10,  # steps between checkpoints
@@ -141,6 +155,9 @@ def trainer_config() -> ConfigDict:
         export_dtype="",  # dtype of the exported weights ("" = param dtype)
         export_dir="",  # where the Hugging Face export goes ("" = <workdir>/hf_export)
         allow_config_change=False,  # resume a workdir whose checkpointed config differs from this one
+        # checksums of the saved state written with each checkpoint and checked (with finiteness) on
+        # restore; a damaged checkpoint is moved to <workdir>/checkpoints-damaged and the previous one used
+        verify=True,
     ))
     c.log_every = 1  # steps between metric lines
     c.eval_every = 0  # 0: evaluate only at the end (when there is eval data)
@@ -349,19 +366,30 @@ def check_loss_name(name: str, key: str = "loss_name") -> None:
 
 
 def check_loss_hparams(loss_name: str, names: Any, source: str = "config.loss") -> None:
-    """ConfigError for hyperparameter names that loss `loss_name` does not take, with a did-you-mean."""
-    defaults = registry.get(loss_name).hparam_defaults
+    """ConfigError for hyperparameter names that loss `loss_name` does not take, with a did-you-mean;
+    and, when `names` is a mapping of names to values, for a value outside its hyperparameter's
+    declared domain (prefjax.losses.hparam_domains), naming the key "<source>.<name>", the allowed
+    range and why: "config.loss.beta=0.0: loss 'ipo' needs beta > 0 (...); set a positive value"."""
+    spec = registry.get(loss_name)
+    defaults = spec.hparam_defaults
     unknown = [name for name in names if name not in defaults]
     if unknown:
         described = ", ".join(name + suggest.did_you_mean(name, defaults) for name in unknown)
         valid = ", ".join(f"{k}={v!r}" for k, v in defaults.items()) or "none"
         _fail(f"{source}: loss {loss_name!r} has no hyperparameter {described}; its hyperparameters "
               f"(paper defaults): {valid}")
+    if isinstance(names, Mapping):
+        for name, value in names.items():
+            reason = spec.hparam_problem(name, value)
+            if reason is not None:
+                _fail(f"{source}.{name}={value!r}: {reason}")
 
 
 def _check_loss(config: ConfigDict) -> None:
     check_loss_name(config.loss_name)
-    check_loss_hparams(config.loss_name, list(config.loss.keys()))
+    # The values the step will use: the paper defaults, overridden by config.loss.
+    check_loss_hparams(config.loss_name, {**registry.get(config.loss_name).hparam_defaults,
+                                          **config.loss.to_dict()})
 
 
 def _check_reference(config: ConfigDict) -> None:

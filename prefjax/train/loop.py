@@ -19,6 +19,14 @@ evaluations too (prefjax.train.metrics.StepTimer).
 Data that ends before total_steps (a finite data.num_epochs) stops the run with
 DataExhaustedError; data with nothing to train on stops it at start-up with
 prefjax.data.pipeline.PipelineEmptyError (never a hang).
+
+Faults (README, "Reliability"): the newest checkpoint that fails its checks is moved aside and
+the previous one restored (prefjax.train.checkpoint.Checkpointer.restore_latest); a background
+save that failed stops the run at the next step; a run that stops on an error still writes
+summary.json (the step it reached, its last metrics, the error); on_nonfinite="skip" stops
+after nonfinite_max_consecutive skipped steps in a row or more than nonfinite_max_fraction of
+total_steps, counted in the train state so that a resume keeps the count; rerunning a finished
+run leaves its summary.json as it is.
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ from prefjax.train import (
     resume,
     startup,
     steps,
+    workdir_lock,
 )
 from prefjax.train import metrics as metrics_lib
 from prefjax.train import setup as setup_lib
@@ -86,15 +95,25 @@ class Run:
     writer: metrics_lib.MetricsWriter
     evaluator: Optional[evaluation.Evaluator]
     report: dict[str, Any] = dataclasses.field(default_factory=dict)  # the start-up report
+    restored: dict[str, Any] = dataclasses.field(default_factory=dict)  # the restored checkpoint's metadata
+    done: int = 0  # steps finished so far (what a failure's summary reports)
+    lock: Optional[workdir_lock.WorkdirLock] = None  # process 0's hold on the workdir
 
-    def metadata(self) -> dict[str, Any]:
-        """The checkpoint's metadata: the data position and the config."""
-        return dict(data=self.source.state(), config=json.loads(self.config.to_json_best_effort()))
 
-    def save(self, step: int, force: bool = False) -> None:
+    def metadata(self, final: Optional[dict[str, float]] = None) -> dict[str, Any]:
+        """The checkpoint's metadata: the data position, the config and, at the end, the final metrics
+        (so that rerunning a finished run still reports them)."""
+        meta = dict(data=self.source.state(), config=json.loads(self.config.to_json_best_effort()))
+        if final:
+            meta["final_metrics"] = final
+        return meta
+
+    def save(self, step: int, force: bool = False, final: Optional[dict[str, float]] = None) -> None:
         if force or self.ckpt.should_save(step):
-            self.ckpt.save(step, self.state, data_iterator=self.source.data_iterator, metadata=self.metadata(),
-                           force=force)
+            if self.lock is not None:
+                self.lock.check()  # another run took the workdir over: do not write its checkpoints
+            self.ckpt.save(step, self.state, data_iterator=self.source.data_iterator,
+                           metadata=self.metadata(final), force=force)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, source: Optional[BatchSource] = None) -> dict[str, Any]:
@@ -107,22 +126,51 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, source: Optional[Bat
     config_lib.validate(config)
     workdir_path = Path(workdir)
     workdir_path.mkdir(parents=True, exist_ok=True)
-    chief = jax.process_index() == 0
+    # One run per workdir: held (by process 0) from before any checkpoint is opened until the end.
+    with workdir_lock.run_lock(workdir_path, config.workdir_lock) as lock:
+        return _run_locked(config, workdir_path, source, lock)
+
+
+def _run_locked(config: ml_collections.ConfigDict, workdir_path: Path, source: Optional[BatchSource],
+                lock: Optional[workdir_lock.WorkdirLock]) -> dict[str, Any]:
+    """run()'s work while the workdir is locked (`lock`: None on processes other than 0, or when
+    workdir_lock.enabled is False)."""
     mesh = sharding.make_mesh(config.mesh.to_dict())
     rules = None if config.sharding_rules is None else tuple(tuple(r) for r in config.sharding_rules)
     with sharding.use_mesh(mesh, rules):
         current = _start(config, workdir_path, mesh, rules, source)
+        current.lock = lock
         try:
             summary = _train(current)
         finally:
             current.source.close()
+    if not summary.get(_KEPT):
+        _write_summary(current, summary)
+    summary.pop(_KEPT, None)
+    return summary
+
+
+_KEPT = "_kept"  # marks a finished run's summary.json that a rerun left as it was
+
+
+def _write_summary(current: Run, summary: dict[str, Any]) -> None:
+    """Adds the data counts and the start-up report to `summary` and writes summary.json (process 0)."""
     pipe = startup.find_pipeline(current.source)
     if pipe is not None:
         summary["data"] = pipe.stats()  # this process's counts over the run: truncated, dropped, padding
     summary["startup"] = current.report
-    if chief:
-        (workdir_path / startup.SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    return summary
+    if jax.process_index() == 0:
+        (current.workdir / startup.SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+
+
+def _previous_summary(workdir: Path) -> Optional[dict[str, Any]]:
+    """summary.json of a run that finished (its final metrics), or None."""
+    try:
+        previous = json.loads((workdir / startup.SUMMARY_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    finished = isinstance(previous, dict) and not previous.get("preempted") and "error" not in previous
+    return previous if finished and "final/loss" in previous else None
 
 
 def _start(config: ml_collections.ConfigDict, workdir: Path, mesh: Mesh, rules: Any,
@@ -130,7 +178,8 @@ def _start(config: ml_collections.ConfigDict, workdir: Path, mesh: Mesh, rules: 
     """Model, data, roles, state; the latest checkpoint restored when there is one. What it
     opened is closed again when it fails (a refused config, data with nothing to train on)."""
     ckpt = checkpoint.Checkpointer(str(workdir / "checkpoints"), keep=config.checkpoint.keep,
-                                   save_every=config.checkpoint.every, async_save=config.checkpoint.async_save)
+                                   save_every=config.checkpoint.every, async_save=config.checkpoint.async_save,
+                                   verify=config.checkpoint.verify)
     opened: list[Any] = [ckpt]
     try:
         return _open(config, workdir, mesh, rules, source, ckpt, opened)
@@ -144,10 +193,11 @@ def _open(config: ml_collections.ConfigDict, workdir: Path, mesh: Mesh, rules: A
           ckpt: checkpoint.Checkpointer, opened: list[Any]) -> Run:
     """_start's work; everything it opens is appended to `opened`."""
     chief = jax.process_index() == 0
-    latest = ckpt.latest_step()
+    newest = ckpt.latest_metadata()  # a newer checkpoint whose metadata is unreadable is moved aside
+    latest = None if newest is None else newest[0]
     notes: list[str] = []
-    if latest is not None:  # checked before anything is built: a refused rerun fails at once
-        old = ckpt.metadata(latest).get("config")
+    if newest is not None:  # checked before anything is built: a refused rerun fails at once
+        old = newest[1].get("config")
         if old:
             notes = resume.check_config(old, config, latest, where=str(ckpt.directory))
     if chief:
@@ -181,22 +231,36 @@ def _open(config: ml_collections.ConfigDict, workdir: Path, mesh: Mesh, rules: A
         with _naming_the_source(f"data.eval_source={config.data.eval_source!r}"):
             evaluator.check_data()  # held-out data that yields nothing fails now, not after training
 
-    state, start, inspected = setup.state, 0, first
+    state, start, inspected, meta = setup.state, 0, first, {}
     if latest is not None:
-        abstract = setup_lib.abstract_state(setup, state)
-        state, meta = ckpt.restore(latest, abstract, data_iterator=source.data_iterator)
+        restored = ckpt.restore_latest(setup_lib.abstract_state(setup, state), data_iterator=source.data_iterator,
+                                       accept=_config_checker(config, latest, str(ckpt.directory)))
+        if restored is None:
+            raise checkpoint.CheckpointDamagedError(
+                f"{ckpt.directory}: every checkpoint is damaged (moved to {ckpt.directory}-damaged, see the "
+                "warnings above); rerun to start from step 0, or copy an intact one back")
+        state, meta, start = restored.state, restored.metadata, restored.step
+        notes += list(restored.notes)
         source.restore(meta.get("data", {}))
-        start = latest
         logger.info("resumed from %s at step %d", ckpt.directory, start)
         first = None  # the restored stream position decides the next batch
     writer = metrics_lib.MetricsWriter(str(workdir), enabled=chief)
     writer.truncate_after(start)  # metrics.jsonl and TensorBoard forget the steps this run redoes
     report = startup.collect(config, workdir=workdir, mesh=mesh, setup=setup, source=source, state=state,
                              first=inspected, start=start, notes=tuple(notes))
-    if chief:
+    if chief and start < config.total_steps:  # a finished run's summary.json is left as it is
         print(startup.render(report), flush=True)
         startup.write(workdir, report)
-    return Run(config, workdir, mesh, rules, setup, source, state, start, first, ckpt, writer, evaluator, report)
+    return Run(config, workdir, mesh, rules, setup, source, state, start, first, ckpt, writer, evaluator, report,
+               restored=meta, done=start)
+
+
+def _config_checker(config: ml_collections.ConfigDict, checked: int, where: str) -> Any:
+    """restore_latest's `accept`: an older checkpoint it falls back to has its config checked too."""
+    def accept(step: int, meta: dict[str, Any]) -> None:
+        if step != checked and meta.get("config"):
+            resume.check_config(meta["config"], config, step, where=where)
+    return accept
 
 
 @contextlib.contextmanager
@@ -243,7 +307,10 @@ class StepReporter:
             else None
         # MFU counts the reference's forward only when the step runs it for the loss to read.
         self.reference_forward = spec.reference.runs_in_step and roles.reads_reference(spec.loss)
-        self.skipped = 0
+        # Skipped steps are counted in the train state, so the count (and its limit) survives a resume.
+        self.skipped = int(np.asarray(current.state.nonfinite_steps.addressable_data(0)))
+        self.consecutive = 0
+        self.allowed = max(1, int(config.nonfinite_max_fraction * config.total_steps))
         self.history: dict[str, float] = {}
 
     def report(self, fetched: Optional[tuple[int, dict[str, float]]], seconds: float, batch: Batch) -> None:
@@ -254,14 +321,26 @@ class StepReporter:
         step, values = fetched
         if values.get("nonfinite", 0.0) > 0:
             self.skipped += 1
-            message = (f"step {step}: the loss or gradient is not finite (loss={values.get('loss')}, "
+            self.consecutive += 1
+            what = "the updated weights or optimizer state are" if values.get("nonfinite_update", 0.0) > 0 \
+                else "the loss or gradient is"
+            message = (f"step {step}: {what} not finite (loss={values.get('loss')}, "
                        f"grad_norm={values.get('grad_norm')}); the update was not applied")
             if config.on_nonfinite == "stop":
-                self.run.ckpt.wait_until_finished()
-                latest = self.run.ckpt.latest_step()
-                raise NonFiniteLossError(f"{message}. The last checkpoint (step {latest}) is intact; "
+                raise NonFiniteLossError(f"{message}. {self._last_checkpoint()}; "
                                          "set --config.on_nonfinite=skip to skip such batches")
+            if self.consecutive >= config.nonfinite_max_consecutive:
+                raise NonFiniteLossError(
+                    f"{message}; {self.consecutive} steps in a row were skipped "
+                    f"(nonfinite_max_consecutive={config.nonfinite_max_consecutive}). {self._last_checkpoint()}")
+            if self.skipped > self.allowed:
+                raise NonFiniteLossError(
+                    f"{message}; {self.skipped} of total_steps={config.total_steps} steps skipped, more than "
+                    f"nonfinite_max_fraction={config.nonfinite_max_fraction} allows ({self.allowed}). "
+                    f"{self._last_checkpoint()}")
             logger.warning("%s; skipping the batch (%d skipped so far)", message, self.skipped)
+        else:
+            self.consecutive = 0
         # FLOPs of what the step computes (padding included); tokens/s counts real tokens.
         processes = jax.process_count()
         tokens = float(np.sum(batch.segments > 0)) * processes
@@ -277,6 +356,13 @@ class StepReporter:
             self.run.writer.write(step, values)
         if self.progress is not None:
             self.progress.update(step, values)
+
+    def _last_checkpoint(self) -> str:
+        """Where a rerun would resume: skipped updates never reach the state, so it holds no NaN."""
+        self.run.ckpt.wait_until_finished()
+        latest = self.run.ckpt.latest_step()
+        return "No checkpoint was saved yet" if latest is None else \
+            f"The last checkpoint (step {latest}) holds no non-finite values"
 
     def compiled(self, seconds: float, batch: Batch, programs: int) -> None:
         """Says (once per program) how long compiling the train step took; the progress line's
@@ -325,10 +411,26 @@ class CompiledStep:
 
 
 def _train(current: Run) -> dict[str, Any]:
-    """The loop itself, then the final checkpoint, evaluation and export; the run's summary."""
+    """The loop itself, then the final checkpoint, evaluation and export; the run's summary. A run
+    that fails on the way (a failed save, NaN limits, data that ends) still writes summary.json,
+    with what it knows and the error."""
+    reporter = StepReporter(current)
+    try:
+        return _train_steps(current, reporter)
+    except Exception as err:
+        _write_summary(current, dict(step=current.done, preempted=False, error=f"{type(err).__name__}: {err}",
+                                     skipped_steps=reporter.skipped, **reporter.final()))
+        raise
+
+
+def _train_steps(current: Run, reporter: StepReporter) -> dict[str, Any]:
+    """_train's work."""
     config, setup = current.config, current.setup
     total = config.total_steps
-    reporter = StepReporter(current)
+    if current.start >= total:
+        finished = _finished(current)
+        if finished is not None:
+            return finished
     late = metrics_lib.OneStepLate()
     timer = metrics_lib.StepTimer()
     step_fn: Optional[CompiledStep] = None
@@ -361,7 +463,8 @@ def _train(current: Run) -> dict[str, Any]:
             current.state, device_metrics = step_fn(current.state, setup.fixed, batch)
             held[step + 1] = local
             report(late.push(step + 1, device_metrics))
-            done = step + 1
+            done = current.done = step + 1
+            current.ckpt.check_for_errors()  # a failed background save stops the run now, not at the next save
             if done < total and current.ckpt.should_save(done):
                 with timer.excluded(late.wait):
                     current.save(done)
@@ -377,16 +480,33 @@ def _train(current: Run) -> dict[str, Any]:
                 with timer.excluded(late.wait):
                     evals = current.evaluator.evaluate(current.state, done, current.writer)
         report(late.flush())
-    current.save(total, force=True)
+    current.save(total, force=True, final=reporter.final() or current.restored.get("final_metrics"))
     if current.evaluator is not None:
         evals = current.evaluator.evaluate(current.state, total, current.writer)
     current.ckpt.close()
     current.writer.close()
     exported = export.export_policy(config, setup, current.state, current.workdir) \
         if config.checkpoint.export_hf else None
+    final = reporter.final() or dict(current.restored.get("final_metrics") or {})
     return dict(step=total, preempted=False, skipped_steps=reporter.skipped, exported=exported,
                 peak_flops=reporter.peak, peak_flops_source=reporter.peak_source, **compile_stats(),
-                **reporter.final(), **evals)
+                **final, **evals)
+
+
+def _finished(current: Run) -> Optional[dict[str, Any]]:
+    """A rerun of a run that already finished: its summary.json is kept as it is (final metrics
+    included) and nothing is redone. None when that summary is missing or incomplete: then the
+    end of the run (evaluation, export, summary) is done again, with the final metrics the last
+    checkpoint recorded."""
+    previous = _previous_summary(current.workdir)
+    if previous is None:
+        return None
+    current.ckpt.close()
+    current.writer.close()
+    if jax.process_index() == 0:
+        print(f"{current.workdir}: this run already finished at step {current.start} (total_steps="
+              f"{current.config.total_steps}); summary.json kept. Raise total_steps to train further.", flush=True)
+    return {**previous, _KEPT: True}
 
 
 def _peak_flops(config: ml_collections.ConfigDict) -> tuple[float, str]:

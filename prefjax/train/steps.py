@@ -10,9 +10,13 @@ state, TR-DPO reference refreshes and the NaN guard happen before the program
 returns. Metrics come back as device scalars (the loop fetches them one step
 late).
 
-A step whose loss or gradient norm is not finite leaves params, optimizer
-state and loss state unchanged and counts itself in `nonfinite_steps`; the
-loop then stops the run or carries on, as the config says.
+A step whose loss or gradient norm is not finite, or whose updated params,
+optimizer state or loss state are not (a finite gradient can still overflow
+Adam's second moment or, with a huge learning rate, a weight; a state already
+damaged stays damaged), leaves params, optimizer state and loss state unchanged
+and counts itself in `nonfinite_steps`; the loop then stops the run or carries
+on, as the config says. The metric `nonfinite` marks every such step,
+`nonfinite_update` those whose gradient was finite but whose update was not.
 """
 
 from __future__ import annotations
@@ -117,6 +121,7 @@ def micro_loss(spec: StepSpec, model: scoring.Model, trainable: dict[str, Any], 
     r = responses(spec, model, params, ref_params, mb, trainable.get("reward_head"))
     inputs = loss_inputs.build(spec.loss.inputs, r, mb, spec.columns)
     spec.loss.check_inputs(inputs)  # at trace time: a missing field is a named error, not a crash
+    spec.loss.check_hparam_values(spec.hparams)  # as config_lib does: a direct caller gets the same error
     if spec.loss.stateful:
         out = spec.loss.fn(inputs, loss_state, **spec.hparams)
         new_loss_state = out.state
@@ -134,6 +139,15 @@ def micro_loss(spec: StepSpec, model: scoring.Model, trainable: dict[str, Any], 
 
 def _tree_where(cond: Array, new: Any, old: Any) -> Any:
     return jax.tree.map(lambda n, o: jnp.where(cond, n, o), new, old)
+
+
+def _all_finite(tree: Any) -> Array:
+    """True when every floating-point leaf of `tree` is finite (integer leaves, like optax's step
+    count or a PRNG key, always are). One reduction per leaf, which XLA fuses with the computation
+    of the leaf; nothing is copied."""
+    flags = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+             if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return functools.reduce(jnp.logical_and, flags, jnp.asarray(True))
 
 
 def train_step(spec: StepSpec, model: scoring.Model, tx: optax.GradientTransformation, schedule: optax.Schedule,
@@ -163,11 +177,15 @@ def train_step(spec: StepSpec, model: scoring.Model, tx: optax.GradientTransform
     grads = jax.tree.map(lambda g: g / denom, grads)
     loss = loss_sum / denom
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    grads_finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # A non-finite gradient would poison the optimizer moments: zero it, then keep the old state.
-    safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
+    safe_grads = jax.tree.map(lambda g: jnp.where(grads_finite, g, 0.0), grads)
     updates, opt_state = tx.update(safe_grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    # A finite gradient can still give a non-finite update (Adam's second moment overflowing, a huge
+    # learning rate, a state damaged before this step): such an update is not applied either.
+    update_finite = _all_finite((params, opt_state, loss_state))
+    finite = grads_finite & update_finite
     new_state = TrainState(
         step=state.step + 1,
         params=_tree_where(finite, params, state.params),
@@ -181,7 +199,8 @@ def train_step(spec: StepSpec, model: scoring.Model, tx: optax.GradientTransform
             new_state.step, spec.policy.params(new_state.params, fixed), state.ref_params)
     metrics = {f"loss/{k}" if "/" not in k else k: v / denom for k, v in metric_sums.items()}
     metrics.update(loss=loss, grad_norm=grad_norm, learning_rate=jnp.asarray(schedule(state.step), jnp.float32),
-                   examples=count, tokens=tokens, nonfinite=(~finite).astype(jnp.float32))
+                   examples=count, tokens=tokens, nonfinite=(~finite).astype(jnp.float32),
+                   nonfinite_update=(grads_finite & ~update_finite).astype(jnp.float32))
     return new_state, metrics
 
 

@@ -188,13 +188,6 @@ def test_reference_is_not_in_the_checkpoint(tmp_path):
     assert len(weights) == 3  # params, mu, nu: no fourth (reference) copy
 
 
-def test_nonfinite_loss_stops_or_skips(tmp_path):
-    with pytest.raises(train.NonFiniteLossError, match="not finite"):
-        train.run(_config(**{"loss.beta": float("nan")}), str(tmp_path / "stop"))
-    summary = train.run(_config(**{"loss.beta": float("nan"), "on_nonfinite": "skip"}), str(tmp_path / "skip"))
-    assert summary["skipped_steps"] == 6
-
-
 def test_lora_run_exports_merged_weights_and_adapters(tmp_path):
     summary = train.run(_config(**{"lora.enabled": True, "reference.kind": "lora", "checkpoint.export_hf": True,
                                    "total_steps": 4, "optimizer.learning_rate": 1e-2, "data.synthetic_pool": 1}),

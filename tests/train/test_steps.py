@@ -205,6 +205,64 @@ def test_nonfinite_loss_leaves_the_state_unchanged():
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state.opt_state) if x.dtype != jnp.int32)
 
 
+def _run_one_step(tx, damage=None):
+    """One DPO step of the tiny model under optimizer `tx`, the opt state first passed through `damage`:
+    (state before as numpy, state after, metrics)."""
+    spec, (kind, k) = _spec("dpo")
+    _, params = _model()
+    state = _state(spec, params)
+    state.opt_state = tx.init(state.params)
+    if damage is not None:
+        state.opt_state = damage(state.opt_state)
+    before = jax.device_get(state)
+    step = jax.jit(functools.partial(steps.train_step, spec, _scorer(), tx, _schedule))
+    after, metrics = step(state, roles.Fixed(reference=params), _batch(kind, k))
+    return before, after, metrics
+
+
+def _assert_kept(before, after):
+    for name in ("params", "opt_state"):
+        for a, b in zip(jax.tree.leaves(getattr(before, name)), jax.tree.leaves(getattr(after, name))):
+            np.testing.assert_array_equal(a, np.asarray(b))  # NaNs at the same places count as equal
+
+
+def test_a_finite_gradient_whose_update_overflows_is_not_applied():
+    # Adam's unit-size step times 4e38, beyond float32's largest value (3.4e38): the loss and the
+    # gradient are finite, the updated weights are not.
+    tx = optax.chain(optax.scale_by_adam(), optax.scale(-1e38), optax.scale(4.0))
+    before, after, m = _run_one_step(tx)
+    assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["grad_norm"]))
+    assert float(m["nonfinite"]) == 1.0 and float(m["nonfinite_update"]) == 1.0
+    assert int(after.nonfinite_steps) == 1 and int(after.step) == 1
+    _assert_kept(before, after)
+
+
+def test_a_damaged_optimizer_state_does_not_reach_the_weights():
+    # A NaN in Adam's first moment (as flipped bytes in a checkpoint leave it): the gradient is finite,
+    # but every update would carry the NaN into the weights.
+    def damage(opt_state):
+        leaves, treedef = jax.tree.flatten(opt_state)
+        first_float = next(i for i, x in enumerate(leaves) if jnp.issubdtype(x.dtype, jnp.floating))
+        leaves[first_float] = leaves[first_float].at[(0,) * leaves[first_float].ndim].set(jnp.nan)
+        return jax.tree.unflatten(treedef, leaves)
+
+    before, after, m = _run_one_step(TX, damage)
+    assert np.isfinite(float(m["grad_norm"]))
+    assert float(m["nonfinite"]) == 1.0 and float(m["nonfinite_update"]) == 1.0
+    assert int(after.nonfinite_steps) == 1
+    _assert_kept(before, after)
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(after.params))
+
+
+def test_a_normal_step_still_applies_its_update():
+    before, after, m = _run_one_step(TX)
+    assert float(m["nonfinite"]) == 0.0 and float(m["nonfinite_update"]) == 0.0
+    assert int(after.nonfinite_steps) == 0 and int(after.step) == 1
+    changed = [not np.array_equal(a, np.asarray(b))
+               for a, b in zip(jax.tree.leaves(before.params), jax.tree.leaves(after.params))]
+    assert all(changed)
+
+
 @pytest.mark.parametrize("update, alpha", [("soft", 0.25), ("hard", 1.0)])
 def test_tr_dpo_reference_updates(update, alpha):
     spec, (kind, k) = _spec("dpo", reference=roles.Reference("frozen", refresh=update, refresh_every=2, alpha=alpha))
