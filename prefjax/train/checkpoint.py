@@ -64,7 +64,7 @@ and writes each array shard from the process that owns it. The checksum function
 collective like the train step, with the same result on every process; what a process finds
 reading the files (a shard only it reads may be missing) is agreed on through one
 process_allgather per step tried, so every process takes the same fallback decision;
-process 0 moves damaged steps aside (not yet run with several processes). There is
+process 0 moves damaged steps aside (tests/train/test_faults.py, two processes). There is
 no locking here (prefjax.train.workdir_lock keeps one run per workdir). Scalars in the
 state (optax's `count`) must be replicated global arrays, not arrays left on one device
 (give `tx.init` explicit out_shardings, as prefjax.train.optim does).

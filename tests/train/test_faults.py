@@ -21,33 +21,11 @@ import pytest
 
 from prefjax import train
 from prefjax.losses import registry, types
-from prefjax.train import checkpoint, config_lib, startup
-from prefjax.train.metrics import read_metrics
+from prefjax.train import checkpoint, startup
+from tests.train.test_loop import _config, _losses, _run_two_processes
 
 ROOT = Path(__file__).resolve().parents[2]
 NAN_LOSS = "always_nan_for_tests"
-
-
-def _config(**changes):
-    c = config_lib.trainer_config()
-    c.total_steps = 6
-    c.data.batch_size = 8
-    c.data.max_len = 32
-    c.checkpoint.every = 3
-    c.checkpoint.export_hf = False
-    c.optimizer.learning_rate = 3e-3
-    c.optimizer.warmup_steps = 1
-    for key, value in changes.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
-
-
-def _losses(workdir):
-    return {m["step"]: m["loss"] for m in read_metrics(str(Path(workdir) / "metrics.jsonl")) if "loss" in m}
 
 
 @pytest.fixture
@@ -146,6 +124,15 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
     for step in (3, 4):
         assert after[step] == pytest.approx(before[step], rel=1e-6)
     assert checkpoint.Checkpointer(str(tmp_path / "checkpoints")).all_steps() == [2, 4]
+    # Every checkpoint damaged: all are moved aside and the run stops with one line (a rerun would
+    # start from step 0, since none is left).
+    for step in (2, 4):
+        for f in _array_files(tmp_path / "checkpoints" / str(step)):
+            f.write_bytes(b"")
+    with pytest.raises(checkpoint.CheckpointDamagedError, match="every checkpoint is damaged"):
+        train.run(config, str(tmp_path))
+    assert checkpoint.Checkpointer(str(tmp_path / "checkpoints")).all_steps() == []
+    assert len(list((tmp_path / "checkpoints-damaged").iterdir())) == 3
 
 
 # -- a disk that fills up ---------------------------------------------------------------------
@@ -185,3 +172,22 @@ def test_a_failed_save_stops_the_run_at_once_and_leaves_a_summary(tmp_path, ever
         assert "step 2" in error and 2 <= summary["step"] <= 4, summary["step"]
     else:
         assert "step 8" in error and summary["step"] == 8
+
+
+@pytest.mark.slow
+def test_two_processes_agree_on_the_fallback(tmp_path):
+    # Each process reads its own shards: both must see the damage (one allgather), fall back to
+    # the same step and train on with the same losses; process 0 moves the step aside.
+    common = ["--config.total_steps=4", "--config.checkpoint.every=2", "--config.data.batch_size=4"]
+    _run_two_processes(tmp_path, *common)
+    before = _losses(tmp_path)
+    files = _array_files(tmp_path / "checkpoints" / "4")
+    assert files
+    for f in files:
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    _run_two_processes(tmp_path, *common)
+    assert (tmp_path / "checkpoints-damaged" / "4").is_dir()
+    after = _losses(tmp_path)
+    assert sorted(after) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert after[step] == pytest.approx(before[step], rel=1e-5)
