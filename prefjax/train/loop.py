@@ -99,7 +99,6 @@ class Run:
     done: int = 0  # steps finished so far (what a failure's summary reports)
     lock: Optional[workdir_lock.WorkdirLock] = None  # process 0's hold on the workdir
 
-
     def metadata(self, final: Optional[dict[str, float]] = None) -> dict[str, Any]:
         """The checkpoint's metadata: the data position, the config and, at the end, the final metrics
         (so that rerunning a finished run still reports them)."""
@@ -480,14 +479,15 @@ def _train_steps(current: Run, reporter: StepReporter) -> dict[str, Any]:
                 with timer.excluded(late.wait):
                     evals = current.evaluator.evaluate(current.state, done, current.writer)
         report(late.flush())
-    current.save(total, force=True, final=reporter.final() or current.restored.get("final_metrics"))
+    # A resumed run that had nothing left to train reports what its last checkpoint recorded.
+    final = reporter.final() or dict(current.restored.get("final_metrics") or {})
+    current.save(total, force=True, final=final)
     if current.evaluator is not None:
         evals = current.evaluator.evaluate(current.state, total, current.writer)
     current.ckpt.close()
     current.writer.close()
     exported = export.export_policy(config, setup, current.state, current.workdir) \
         if config.checkpoint.export_hf else None
-    final = reporter.final() or dict(current.restored.get("final_metrics") or {})
     return dict(step=total, preempted=False, skipped_steps=reporter.skipped, exported=exported,
                 peak_flops=reporter.peak, peak_flops_source=reporter.peak_source, **compile_stats(),
                 **final, **evals)
