@@ -6,7 +6,8 @@ cache, the quick start's scorer, tests and benchmarks) passes a `Batch`:
     rows [R, T]:  tokens, positions, segments (0 = padding), loss_mask (1 on scored
                   tokens), example_id, response_id (-1 on padding and shared prefixes),
                   branches (layout "shared_prefix" only: 0 on the prefix, k + 1 on response k)
-    columns [B]:  weight (0 = filler), scores [B, K], margin, label,
+    columns [B]:  weight (0 = filler), scores [B, K] (rated batches, K = 1: [B, L], the
+                  response's L attribute ratings, NaN = not rated), margin, label,
                   ref_logps [B, K] (only when a precomputed reference is attached)
 
 Its static part, `num_responses` (K) and `layout`, travels as pytree metadata, so a

@@ -55,7 +55,7 @@ _VERBOSE = flags.DEFINE_bool("verbose", False, "On a user error (config, data, f
 _command_line = None
 
 
-def _user_errors() -> tuple[type, ...]:
+def user_errors() -> tuple[type, ...]:
     """The exceptions that are the user's to fix: shown as their message alone (module docstring)."""
     # pylint: disable=import-outside-toplevel
     from prefjax.data.hub import HubDatasetError
@@ -181,7 +181,7 @@ def main(argv: Sequence[str]) -> None:
     try:
         _run(_CONFIG.value, config_flags.get_config_filename(flags.FLAGS["config"]))
     except Exception as e:  # pylint: disable=broad-except
-        if not isinstance(e, _user_errors()):
+        if not isinstance(e, user_errors()):
             raise
         _exit_with(str(e), _VERBOSE.value)
 

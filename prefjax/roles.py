@@ -21,7 +21,7 @@ ref <- alpha * policy + (1 - alpha) * ref every `refresh_every` steps) or "hard"
 Where each role's weights live:
 
     TrainState.params      what is trained: {"model": ...} or {"adapters": ...} (LoRA),
-                           plus {"reward_head": [D]} for reward-model losses
+                           plus {"reward_head": [D, L]} for reward-model losses
     TrainState.ref_params  a moving reference (refresh "soft" or "hard"), else None
     Fixed.base             the LoRA base (the policy is base + adapters)
     Fixed.reference        the frozen copy
@@ -58,10 +58,11 @@ class Fixed:
 @dataclasses.dataclass(frozen=True)
 class Policy:
     """The trained model: full weights, or LoRA adapters on a fixed base; with a reward head
-    (a linear head [D] on the last response token) for reward-model losses."""
+    (a linear head [D, L] on each response's last token, prefjax.scoring) for reward-model losses."""
 
     lora: Optional[lora_lib.LoraConfig] = None
     reward_head: bool = False
+    reward_labels: int = 1  # L, the reward head's outputs
 
     def params(self, trainable: dict[str, Any], fixed: Fixed) -> Any:
         """The model's params: the trained ones, or the LoRA base with the adapters applied."""
@@ -70,11 +71,14 @@ class Policy:
         return trainable["model"]
 
     def init_trainable(self, params: Any, param_shardings: Any, *, key: jax.Array, mesh: Mesh, axes: Any,
-                       rules: Any, hidden_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
+                       rules: Any, hidden_size: int, reward_head: Optional[Any] = None,
+                       ) -> tuple[dict[str, Any], dict[str, Any]]:
         """(what is trained, its shardings) starting from the model's initial `params`.
 
         Fresh adapters are zero in their B factor, so a LoRA policy starts equal to its base.
-        The reward head starts at zero (every response scores 0).
+        A reward head is `reward_head` when given (an imported reward model's), else fresh:
+        N(0, 1 / (D + 1)) per weight (Stiennon et al. 2020, as TRL's reward models), so the
+        first rewards are of order 1 and differ between responses from the first step.
         """
         if self.lora is not None:
             trainable = {"adapters": lora_lib.init_lora(params, self.lora, key, mesh=mesh, base_axes=axes,
@@ -84,7 +88,10 @@ class Policy:
             trainable, shardings = {"model": params}, {"model": param_shardings}
         if self.reward_head:
             replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
-            trainable["reward_head"] = jax.device_put(jnp.zeros((hidden_size,), jnp.float32), replicated)
+            if reward_head is None:
+                std = (hidden_size + 1) ** -0.5
+                reward_head = std * jax.random.normal(jax.random.fold_in(key, 1), (hidden_size, self.reward_labels))
+            trainable["reward_head"] = jax.device_put(jnp.asarray(reward_head, jnp.float32), replicated)
             shardings["reward_head"] = replicated
         return trainable, shardings
 

@@ -2,7 +2,7 @@
 
     scores = score(Model(cfg, graphdef), params, batch)                    # logps, lengths [B, K]
     scores = score(model, params, batch, what=("token_kl",), reference=ref_params)
-    scores = score(model, params, batch, what=("rewards",), reward_head=head)
+    scores = score(model, params, batch, what=("rewards",), reward_head=head)  # rewards [B, K, L]
 
 The train step (policy and reference), evaluation, the precomputed reference cache,
 KTO's mismatched pairs and the quick start's sampler and evaluator all score through
@@ -15,8 +15,10 @@ here. What it computes:
 - "token_kl": with `reference` params, the reference's log-probs (`ref_logps`) and the
   per-token KL(reference || model) over the whole vocabulary [K, B, T] (TDPO), both
   models in one pass over the vocabulary; the reference gets no gradient;
-- "rewards": a linear reward head [D] on the hidden state of each response's last
-  scored token, `rewards` [B, K] (unpacked rows).
+- "rewards": a linear reward head [D, L] on the hidden state of each response's last
+  real token (`last_token_positions`: its EOS / end-of-turn token, never a pad), `rewards`
+  [B, K, L], for every row layout. Asked for without "logps", the unembedding is skipped
+  (a reward model never reads its LM head): `logps` is None then, `lengths` still filled.
 
 The model's hidden state at position t predicts token t + 1, so labels, masks and ids
 are shifted by one (`prefjax.logprobs.shift_labels`). In prefix-shared rows a response
@@ -61,11 +63,15 @@ class Model:
     graphdef: nnx.GraphDef
     tiling: Tiling = Tiling()
 
-    def forward(self, params: Any, batch: Batch) -> tuple[Array, Array]:
-        """(final hidden states [R, T, D], unembedding [D, V]) of `params` over the batch's rows."""
+    def hidden(self, params: Any, batch: Batch) -> Array:
+        """Final hidden states [R, T, D] of `params` over the batch's rows."""
         hidden, _ = models.apply(self.graphdef, params, batch.tokens, positions_BxT=batch.positions,
                                  segments_BxT=batch.segments, branches_BxT=batch.branches)
-        return hidden, models.unembedding(self.graphdef, params)
+        return hidden
+
+    def forward(self, params: Any, batch: Batch) -> tuple[Array, Array]:
+        """(final hidden states [R, T, D], unembedding [D, V]) of `params` over the batch's rows."""
+        return self.hidden(params, batch), models.unembedding(self.graphdef, params)
 
     def tile_options(self) -> dict[str, Any]:
         t = self.tiling
@@ -78,7 +84,7 @@ class Model:
 class Scores:
     """Per-response sums [B, K] and, where asked for, per-token arrays [K, B, T] and rewards [B, K]."""
 
-    logps: Array
+    logps: Optional[Array]  # None when only "rewards" were asked for
     lengths: Array
     ref_logps: Optional[Array] = None
     token_logps: Optional[Array] = None
@@ -86,7 +92,7 @@ class Scores:
     token_kl: Optional[Array] = None
     kl_logps: Optional[Array] = None  # KTO: policy log-probs of mismatched (x, y') [B]
     ref_kl_logps: Optional[Array] = None
-    rewards: Optional[Array] = None  # reward-model head outputs [B, K]
+    rewards: Optional[Array] = None  # reward-model head outputs [B, K, L]
 
     def replace(self, **fields: Any) -> "Scores":
         return dataclasses.replace(self, **fields)
@@ -102,14 +108,20 @@ def score(model: Model, params: Any, batch: Batch, *, what: Collection[str] = ("
     unknown = sorted(set(what) - set(WHAT))
     if unknown:
         raise ValueError(f"score: unknown quantities {unknown}; choose from {WHAT}")
-    per_token = any(w in what for w in ("token_kl", "rewards"))
-    if per_token and batch.by_slot:
-        raise ValueError(f"score: {sorted(set(what) - {'logps'})} need unpacked rows; this batch is {batch.layout!r}")
+    if "token_kl" in what and batch.by_slot:
+        raise ValueError(f"score: 'token_kl' needs unpacked rows; this batch is {batch.layout!r}")
     if "token_kl" in what and reference is None:
         raise ValueError("score: 'token_kl' needs the reference's params (reference=...)")
     if "rewards" in what and reward_head is None:
         raise ValueError("score: 'rewards' needs a reward head (reward_head=...)")
     align, labels, mask, example_id, response_id = targets(batch)
+    reduce = functools.partial(per_response, mask_RxT=mask, example_id=example_id, response_id=response_id,
+                               num_examples=batch.num_examples, num_responses=batch.num_responses,
+                               packed=batch.by_slot)
+    if set(what) == {"rewards"}:
+        hidden = model.hidden(params, batch)
+        _, lengths = reduce(jnp.zeros(mask.shape, jnp.float32))
+        return Scores(logps=None, lengths=lengths, rewards=rewards_at_last_tokens(hidden, batch, reward_head))
     options = model.tile_options()
     hidden, unembed = model.forward(params, batch)
     aligned = align(hidden)
@@ -120,9 +132,6 @@ def score(model: Model, params: Any, batch: Batch, *, what: Collection[str] = ("
         tok, ref_tok, token_kl = both.policy_logps, both.ref_logps, both.kl
     else:
         tok = logprobs.token_logps(aligned, unembed, labels, mask_BxT=mask, **options)
-    reduce = functools.partial(per_response, mask_RxT=mask, example_id=example_id, response_id=response_id,
-                               num_examples=batch.num_examples, num_responses=batch.num_responses,
-                               packed=batch.by_slot)
     sums, lengths = reduce(tok)
     fields: dict[str, Any] = dict(logps=sums, lengths=lengths)
     if ref_tok is not None:
@@ -133,8 +142,7 @@ def score(model: Model, params: Any, batch: Batch, *, what: Collection[str] = ("
         if token_kl is not None:
             fields["token_kl"] = token_kl.reshape(k, b, t)
     if "rewards" in what:
-        states = last_token_states(hidden, mask, batch.num_responses)  # [B, K, D]
-        fields["rewards"] = jnp.einsum("bkd,d->bk", states.astype(jnp.float32), reward_head.astype(jnp.float32))
+        fields["rewards"] = rewards_at_last_tokens(hidden, batch, reward_head)
     return Scores(**fields)
 
 
@@ -248,18 +256,46 @@ def per_response(token_values_RxT: Array, *, mask_RxT: Array, example_id: Array,
     return reduce_unpacked(token_values_RxT, mask_RxT, num_responses)
 
 
-def last_token_states(hidden_RxTxD: Array, mask_RxT: Array, num_responses: int) -> Array:
-    """[B, K, D] hidden state at each response's final token (reward heads; unpacked rows).
+def last_token_positions(batch: Batch) -> Array:
+    """[B, K] flat index (row * T + position) of each response's last real token.
 
-    `mask_RxT` is the shifted mask: position t is masked in when token t + 1 is
-    scored, so the final response token sits one past the last masked position;
-    its hidden state has read the whole response.
+    The one place that decides where a reward is read: the final scored token of the
+    response (its EOS or end-of-turn token, which prefjax.data.tokenize appends or keeps),
+    whose hidden state has read the whole prompt and response; pads are never scored, so
+    never read. Unpacked, packed and prefix-shared rows alike: the batch's own (unshifted)
+    loss mask and example/response ids say which tokens belong to which response. A
+    response with no scored token (a filler example) reads position 0 of its row.
     """
+    r, t = batch.tokens.shape
+    k, b = batch.num_responses, batch.num_examples
+    flat = jnp.arange(r * t, dtype=jnp.int32).reshape(r, t)
+    scored = batch.loss_mask > 0
+    if batch.by_slot:
+        slots = b * k
+        slot = jnp.where(scored, batch.example_id * k + batch.response_id, slots)
+        last = jax.ops.segment_max(jnp.where(scored, flat, -1).reshape(-1), slot.reshape(-1),
+                                   num_segments=slots + 1)[:slots]
+        return jnp.maximum(last, 0).reshape(b, k)
+    # unpacked: row j * B + i holds response j of example i
+    last = jnp.max(jnp.where(scored, flat, -1), axis=1)
+    fallback = jnp.arange(r, dtype=jnp.int32) * t
+    last = jnp.where(last >= 0, last, fallback)
+    return last.reshape(k, b).T
+
+
+def rewards_at_last_tokens(hidden_RxTxD: Array, batch: Batch, head_DxL: Array) -> Array:
+    """[B, K, L] float32 rewards: the head on each response's last real token's hidden state."""
     r, t, d = hidden_RxTxD.shape
-    last = jnp.max(jnp.where(mask_RxT, jnp.arange(t)[None, :], -1), axis=1)
-    read_at = jnp.clip(last + 1, 0, t - 1)
-    states = jnp.take_along_axis(hidden_RxTxD, read_at[:, None, None], axis=1)[:, 0]
-    return states.reshape(num_responses, r // num_responses, d).transpose(1, 0, 2)
+    positions = last_token_positions(batch)  # [B, K]
+    if batch.by_slot:
+        states = jnp.take(hidden_RxTxD.reshape(r * t, d), positions, axis=0)  # [B, K, D]
+    else:
+        # one position per row: a gather inside each row, which stays on the row's shard
+        k, b = batch.num_responses, batch.num_examples
+        in_row = (positions.T.reshape(r) % t)[:, None, None]
+        states = jnp.take_along_axis(hidden_RxTxD, in_row, axis=1)[:, 0].reshape(k, b, d).transpose(1, 0, 2)
+    head = head_DxL.reshape(d, -1).astype(jnp.float32)
+    return jnp.einsum("bkd,dl->bkl", states.astype(jnp.float32), head)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Build tiny random Hugging Face decoder checkpoints and their reference logits.
+"""Build tiny random Hugging Face decoder checkpoints (and reward models) with reference outputs.
 
 prefjax's Hugging Face importer and JAX decoder models are tested against these
 fixtures: for each family a float32 transformers model with random weights is saved
@@ -11,6 +11,12 @@ Run from the repository root (needs torch and transformers, which prefjax itself
 does not)::
 
     python scripts/make_hf_fixtures.py --out tests/fixtures/hf
+
+With ``--reward`` it builds reward models instead (transformers'
+``*ForSequenceClassification``: the decoder without ``lm_head`` plus ``score.weight``)
+and their scores for right-padded, left-padded and unpadded rows::
+
+    python scripts/make_hf_fixtures.py --reward --out tests/fixtures/hf_reward
 
 Each folder's ``fixture.json`` records the family, the library versions, the
 feature-ablation sensitivities (how far the logits move when a family feature such
@@ -204,8 +210,16 @@ GEMMA_TOKENS = TokenizerSpec(
 
 def build_tokenizer(spec: TokenizerSpec):
     """Train a BPE on CORPUS; special tokens take ids 0..len(specials)-1."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from tokenizers import trainers
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     tok = Tokenizer(models.BPE(unk_token=spec.unk))
     alphabet: list[str] = []
@@ -294,6 +308,10 @@ class FixtureSpec:
     max_shard_size: str | None = None
     # (feature name, config override, state-dict edit) for the sensitivity check
     ablations: tuple[tuple[str, dict[str, Any], str | None], ...] = ()
+    # Reward models (*ForSequenceClassification): number of outputs (0: a causal LM) and their
+    # names (empty: transformers' default LABEL_i, as a reward model trained there has).
+    num_labels: int = 0
+    labels: tuple[str, ...] = ()
 
 
 def _llama3_rope() -> dict[str, Any]:
@@ -368,6 +386,31 @@ def fixture_specs() -> list[FixtureSpec]:
     ]
 
 
+def reward_fixture_specs() -> list[FixtureSpec]:
+    """Reward models: each family's causal fixture without lm_head, plus one multi-label head."""
+    causal = {spec.name: spec for spec in fixture_specs()}
+
+    def reward(causal_name: str, **changes: Any) -> FixtureSpec:
+        spec = causal[causal_name]
+        # Gemma 2's final-logit soft-cap acts on LM logits only: a score head has none to ablate.
+        ablations = tuple(a for a in spec.ablations if a[0] != "final_logit_softcapping")
+        fields = {"seed": spec.seed + 100, "ablations": ablations, "num_labels": 1, **changes}
+        return dataclasses.replace(spec, **fields)
+
+    # Qwen2's reward variant uses the small sizes: without the wide ones the folders stay < 300 KB.
+    qwen2_small = dict(causal["qwen2"].config, **SMALL)
+    return [
+        reward("llama"),
+        reward("mistral"),
+        reward("qwen2", config=qwen2_small),
+        reward("qwen3"),
+        reward("gemma"),
+        reward("gemma2"),
+        reward("qwen2", name="qwen2_multi", config=qwen2_small, seed=120, num_labels=3,
+               labels=("helpfulness", "correctness", "verbosity")),
+    ]
+
+
 # ---------------------------------------------------------------------------
 # Model construction and reference logits
 # ---------------------------------------------------------------------------
@@ -380,15 +423,28 @@ def make_config(spec: FixtureSpec, ids: dict[str, int | None], overrides: dict[s
     if spec.tokens is LLAMA3_TOKENS:
         # Llama 3.1 instruct stops on either end-of-text or end-of-turn: eos_token_id is a list.
         kwargs["eos_token_id"] = [LLAMA3_TOKENS.special_tokens.index("<|end_of_text|>"), ids["eos"]]
+    if spec.num_labels:
+        labels = spec.labels or tuple(f"LABEL_{i}" for i in range(spec.num_labels))
+        kwargs["id2label"] = dict(enumerate(labels))
+        kwargs["label2id"] = {name: i for i, name in enumerate(labels)}
     kwargs.update(copy.deepcopy(overrides or {}))
     return AutoConfig.for_model(spec.model_type, **kwargs)
 
 
-def build_model(config):
-    import torch
-    from transformers import AutoModelForCausalLM
+def auto_class(config):
+    """AutoModelForSequenceClassification for reward models (config with id2label), else causal LM."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    reward = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    return AutoModelForSequenceClassification if reward else AutoModelForCausalLM
+
+
+def build_model(config, reward: bool = False):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
+    model = auto.from_config(config, attn_implementation="eager", dtype=torch.float32)
     assert model.config._attn_implementation == "eager"
     return model.eval()
 
@@ -412,7 +468,7 @@ def random_state(model, spec: FixtureSpec) -> dict[str, Any]:
             value = s.bias_std * noise
         elif "embed_tokens" in name:
             value = s.embed_std * noise
-        elif name == "lm_head.weight":
+        elif name in ("lm_head.weight", "score.weight"):
             value = s.lm_gain * noise / np.sqrt(shape[1])
         elif name.endswith(("q_proj.weight", "k_proj.weight")):
             value = s.qk_gain * noise / np.sqrt(shape[1])
@@ -446,6 +502,25 @@ def make_batch(spec: FixtureSpec, ids: dict[str, int | None]) -> tuple[np.ndarra
     return input_ids, attention_mask
 
 
+def make_reward_batch(spec: FixtureSpec, ids: dict[str, int | None]) -> tuple[np.ndarray, np.ndarray]:
+    """[4, 12] ids, each row ending in EOS (where a reward is read): unpadded, right-padded after 7
+    tokens, left-padded with 4 and with 9 pads. bos first where the family has one."""
+    rng = np.random.default_rng(1000 + spec.seed)
+    first_regular = len(spec.tokens.special_tokens)
+    length, real = 12, (12, 7, 8, 3)
+    input_ids = np.full((len(real), length), ids["pad"], np.int32)
+    attention_mask = np.zeros((len(real), length), np.int32)
+    for row, n in enumerate(real):
+        tokens = rng.integers(first_regular, spec.model_vocab, size=n).astype(np.int32)
+        if ids["bos"] is not None:
+            tokens[0] = ids["bos"]
+        tokens[-1] = ids["eos"]
+        where = slice(0, n) if row < 2 else slice(length - n, length)  # rows 2 and 3: left padding
+        input_ids[row, where] = tokens
+        attention_mask[row, where] = 1
+    return input_ids, attention_mask
+
+
 def run_logits(model, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
     import torch
 
@@ -459,10 +534,10 @@ def check_reload(folder: Path, batch: tuple[np.ndarray, np.ndarray], logits: np.
                  ids: dict[str, int | None]) -> None:
     """What was written loads back through the Auto classes and gives the same logits and ids."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    reloaded = AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation="eager",
-                                                    dtype=torch.float32).eval()
+    auto = auto_class(AutoConfig.from_pretrained(str(folder)))
+    reloaded = auto.from_pretrained(str(folder), attn_implementation="eager", dtype=torch.float32).eval()
     np.testing.assert_array_equal(run_logits(reloaded, *batch), logits)
     tok = AutoTokenizer.from_pretrained(str(folder))
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (ids["bos"], ids["eos"], ids["pad"])
@@ -485,11 +560,12 @@ def edit_state(state: dict[str, Any], edit: str | None) -> dict[str, Any]:
 
 
 def sensitivities(spec, ids, state, batch, logits) -> dict[str, float]:
-    """Max |logit change| on real tokens when each family feature is switched off."""
-    valid = batch[1].astype(bool)
+    """Max |logit change| on real tokens (reward models: |score change|) when each family feature is
+    switched off."""
+    valid = batch[1].astype(bool) if not spec.num_labels else np.ones(logits.shape, bool)
     result = {}
     for feature, overrides, edit in spec.ablations:
-        model = build_model(make_config(spec, ids, overrides))
+        model = build_model(make_config(spec, ids, overrides), reward=bool(spec.num_labels))
         load_state(model, edit_state(state, edit))
         diff = np.abs(run_logits(model, *batch) - logits)[valid]
         result[feature] = round(float(diff.max()), 4)
@@ -535,14 +611,15 @@ def build_fixture(spec: FixtureSpec, out: Path) -> dict[str, Any]:
     folder.mkdir(parents=True)
     ids = save_tokenizer(spec.tokens, folder)
     assert ids["tokenizer_vocab"] <= spec.model_vocab
-    model = build_model(make_config(spec, ids))
+    reward = bool(spec.num_labels)
+    model = build_model(make_config(spec, ids), reward=reward)
     state = random_state(model, spec)
     load_state(model, state)
     save_kwargs: dict[str, Any] = {"safe_serialization": True}
     if spec.max_shard_size:
         save_kwargs["max_shard_size"] = spec.max_shard_size
     model.save_pretrained(str(folder), **save_kwargs)
-    batch = make_batch(spec, ids)
+    batch = make_reward_batch(spec, ids) if reward else make_batch(spec, ids)
     logits = run_logits(model, *batch)
     assert np.isfinite(logits).all(), spec.name
     check_reload(folder, batch, logits, ids)
@@ -559,10 +636,24 @@ def build_fixture(spec: FixtureSpec, out: Path) -> dict[str, Any]:
         "feature_sensitivity_max_abs_logit_change": sensitivities(spec, ids, state, batch, logits),
         "compare_only_where": "attention_mask == 1 (logits at padded positions are implementation-defined)",
         "versions": versions(),
+        **(reward_record(spec, model) if reward else {}),
         "sha256": file_hashes(folder),
     }
     write_json(folder / "fixture.json", record)
     return record
+
+
+def reward_record(spec: FixtureSpec, model) -> dict[str, Any]:
+    """What a reward fixture's expected.npz means (replaces the causal fixtures' compare_only_where)."""
+    return {
+        "num_labels": spec.num_labels,
+        "labels": [model.config.id2label[i] for i in range(spec.num_labels)],
+        "compare_only_where": "every row: logits [N, num_labels] are the scores",
+        "scored_token": "transformers reads the rightmost token that is not pad_token_id; every row ends in "
+                        "EOS (!= pad), so that is the last token whose attention_mask is 1",
+        "position_ids": "transformers' default, 0..T-1 in every row (pads included: a left-padded row's "
+                        "first real token is at position = number of pads)",
+    }
 
 
 def folder_size(path: Path) -> int:
@@ -571,9 +662,14 @@ def folder_size(path: Path) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("tests/fixtures/hf"))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: tests/fixtures/hf (tests/fixtures/hf_reward with --reward)")
+    parser.add_argument("--reward", action="store_true",
+                        help="build the reward-model (*ForSequenceClassification) fixtures")
     parser.add_argument("--only", nargs="*", help="fixture names to rebuild (default: all)")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = Path("tests/fixtures/hf_reward" if args.reward else "tests/fixtures/hf")
 
     import torch
     import transformers
@@ -582,7 +678,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.use_deterministic_algorithms(True)
     transformers.logging.set_verbosity_error()
     args.out.mkdir(parents=True, exist_ok=True)
-    for spec in fixture_specs():
+    for spec in reward_fixture_specs() if args.reward else fixture_specs():
         if args.only and spec.name not in args.only:
             continue
         record = build_fixture(spec, args.out)

@@ -80,3 +80,20 @@ def test_a_reference_free_loss_holds_no_reference_copy(loss_name, want_copy):
     assert (built.fixed.reference is not None) == want_copy
     assert built.spec.reference.kind == ("frozen" if want_copy else "none")
     assert built.fixed.base is None and built.state.ref_params is None
+
+
+def test_a_fresh_reward_head_is_drawn_from_n_0_1_over_d_plus_1():
+    mesh = sharding.make_mesh({"data": -1})
+    hidden, labels = 4095, 3
+    policy = roles.Policy(reward_head=True, reward_labels=labels)
+    trainable, shardings = policy.init_trainable({}, {}, key=jax.random.key(0), mesh=mesh, axes=None, rules=None,
+                                                 hidden_size=hidden)
+    head = np.asarray(trainable["reward_head"], np.float64)
+    assert head.shape == (hidden, labels) and trainable["reward_head"].dtype == jnp.float32
+    assert shardings["reward_head"].spec == jax.sharding.PartitionSpec()  # replicated
+    # 12285 draws: the sample std is within 3% of (D + 1) ** -0.5 = 1/64, the mean within 4 standard errors of 0
+    assert abs(head.std() * 64.0 - 1.0) < 0.03 and abs(head.mean()) < 4 / 64 / np.sqrt(head.size)
+    given = np.ones((hidden, labels), np.float32)  # an imported model's head is kept as it is
+    kept, _ = policy.init_trainable({}, {}, key=jax.random.key(0), mesh=mesh, axes=None, rules=None,
+                                    hidden_size=hidden, reward_head=given)
+    np.testing.assert_array_equal(np.asarray(kept["reward_head"]), given)

@@ -5,7 +5,6 @@ and KTO's mismatched rows."""
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -47,22 +46,50 @@ def test_packed_rows_score_like_unpacked_ones():
     np.testing.assert_allclose(np.asarray(b.logps), np.asarray(a.logps), rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(b.lengths), np.asarray(a.lengths))
     assert b.token_logps is None and a.token_logps.shape == (2, 4, 16)  # per-token arrays: unpacked rows only
-    with pytest.raises(ValueError, match="need unpacked rows"):
-        scoring.score(_scorer(), params, pack_pairs(batch), what=("rewards",), reward_head=jnp.ones(32))
+    with pytest.raises(ValueError, match="'token_kl' needs unpacked rows"):
+        scoring.score(_scorer(), params, pack_pairs(batch), what=("token_kl",), reference=params)
 
 
 def test_reward_head_reads_each_responses_last_scored_token():
     graphdef, params = _model()
     batch = _batch("pair", 2, b=3)
-    head = jax.random.normal(jax.random.key(3), (CFG.hidden_size,))
+    head = jax.random.normal(jax.random.key(3), (CFG.hidden_size, 3))
     got = jax.jit(lambda: scoring.score(_scorer(), params, batch, what=("rewards",), reward_head=head))()
+    assert got.rewards.shape == (3, 2, 3) and got.logps is None  # rewards alone: no unembedding
+    with_logps = jax.jit(lambda: scoring.score(_scorer(), params, batch, what=("logps", "rewards"),
+                                               reward_head=head))()
+    np.testing.assert_array_equal(np.asarray(with_logps.rewards), np.asarray(got.rewards))
+    np.testing.assert_array_equal(np.asarray(with_logps.lengths), np.asarray(got.lengths))
     _, hidden = _log_softmax64(graphdef, params, batch)
     mask = np.asarray(batch.loss_mask) > 0
+    tokens = np.asarray(batch.tokens)
     for row in range(6):
         last = int(np.flatnonzero(mask[row])[-1])  # the response's final token reads the whole response
+        assert not mask[row, last + 1:].any() and (tokens[row, last + 1:] == 0).all()  # only pads after it
         k, b = divmod(row, 3)
         want = np.asarray(hidden, np.float64)[row, last] @ np.asarray(head, np.float64)
-        np.testing.assert_allclose(float(got.rewards[b, k]), want, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(got.rewards[b, k]), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["packed", "shared_prefix"])
+def test_packed_and_prefix_shared_rows_read_the_same_rewards(layout):
+    from prefjax.data import prefix_sharing
+
+    _, params = _model()
+    batch = _batch("pair", 2, b=4)
+    other = pack_pairs(batch) if layout == "packed" else prefix_sharing.share_prefixes(batch, multiple=1)
+    assert other.layout == layout and other.tokens.shape[0] < batch.tokens.shape[0]
+    head = jax.random.normal(jax.random.key(5), (CFG.hidden_size, 2))
+    a, b = jax.jit(lambda: (scoring.score(_scorer(), params, batch, what=("rewards",), reward_head=head),
+                            scoring.score(_scorer(), params, other, what=("rewards",), reward_head=head)))()
+    np.testing.assert_allclose(np.asarray(b.rewards), np.asarray(a.rewards), rtol=1e-4, atol=1e-5)
+    positions = np.asarray(scoring.last_token_positions(other))
+    t = other.tokens.shape[1]
+    ids, resp = np.asarray(other.example_id), np.asarray(other.response_id)
+    for example in range(4):
+        for k in range(2):
+            row, pos = divmod(int(positions[example, k]), t)
+            assert ids[row, pos] == example and resp[row, pos] == k and other.loss_mask[row, pos] > 0
 
 
 def test_token_kl_is_zero_against_itself_and_positive_against_another_model():

@@ -5,7 +5,9 @@
 
 Fields and shapes (B = ``batch_size`` examples, K = responses per example, R rows of T):
 tokens / positions / segments / example_id / response_id int32 [R, T], loss_mask float32
-[R, T], weight / margin / label float32 [B], scores float32 [B, K].
+[R, T], weight / margin / label float32 [B], scores float32 [B, K]. Rated examples (one
+response and L ratings each) make K = 1 and scores [B, L] (``num_scores`` = L; NaN = not
+rated).
 
 Unpacked (``layout.pack`` False): R = K * B and row ``k * B + b`` holds response k of example
 b (prompt + response), so ``tokens.reshape(K, B, T)`` works; T is the bucket of the longest
@@ -13,7 +15,7 @@ sequence. Packed: R = ``layout.pack_rows``, T = ``layout.packed_row_length``, se
 by :func:`prefjax.data.packing.pack_sequences`.
 
 Fewer than B examples (end of data) are completed with **filler examples**: weight 0, scores
-and margin nan, label 0, and two tokens per sequence (a pad-token prompt and a pad-token
+(ratings too) and margin nan, label 0, and two tokens per sequence (a pad-token prompt and a pad-token
 response with loss_mask 1). The one scored token keeps every response non-empty, so losses
 that divide by response length never see 0/0 (a nan times weight 0 is still nan).
 """
@@ -30,28 +32,34 @@ from prefjax.data.packing import LayoutConfig, RowFiller, bucket_length, pack_se
 from prefjax.data.tokenize import TokenizedExample
 
 
-def filler_example(kind: str, num_responses: int, pad_id: int) -> TokenizedExample:
-    """A weight-0 example of two tokens per sequence (see the module docstring)."""
+def filler_example(kind: str, num_responses: int, pad_id: int,
+                   num_scores: int | None = None) -> TokenizedExample:
+    """A weight-0 example of two tokens per sequence (see the module docstring); ``num_scores``
+    NaN scores (default: one per response)."""
     return TokenizedExample(
         kind=kind,
         prompt_ids=np.asarray([pad_id], np.int32),
         response_ids=[np.asarray([pad_id], np.int32) for _ in range(num_responses)],
         response_masks=[np.ones(1, np.int8) for _ in range(num_responses)],
         weight=0.0,
-        scores=(math.nan,) * num_responses,
+        scores=(math.nan,) * (num_responses if num_scores is None else num_scores),
         margin=math.nan,
         label=0.0,
         source="<filler>",
     )
 
 
-def _check_uniform(examples: Sequence[TokenizedExample], kind: Optional[str], num_responses: int) -> None:
+def _check_uniform(examples: Sequence[TokenizedExample], kind: Optional[str], num_responses: int,
+                   num_scores: int) -> None:
     for ex in examples:
         if ex.num_responses != num_responses or (kind is not None and ex.kind != kind):
             raise ValueError(
                 f"{ex.source}: a batch needs examples of one kind with {num_responses} responses "
                 f"each (kind {kind!r}); this example is {ex.kind!r} with {ex.num_responses}"
             )
+        if len(ex.scores) != num_scores:
+            raise ValueError(f"{ex.source}: a batch needs {num_scores} scores per example (ratings of one set of "
+                             f"attributes); this example has {len(ex.scores)}")
 
 
 def _write(
@@ -74,13 +82,20 @@ def build_batch(
     layout: LayoutConfig,
     pad_id: int,
     kind: Optional[str] = None,
+    num_scores: int | None = None,
 ) -> tuple[Batch, int]:
-    """(the Batch, number of examples left out by packing overflow) for up to ``batch_size`` examples."""
+    """(the Batch, number of examples left out by packing overflow) for up to ``batch_size`` examples.
+
+    ``num_scores``: the width of ``scores``, L for rated examples; default: the examples' (K when
+    there are none). Pass it where a batch may hold only fillers (the pipeline does).
+    """
     if len(examples) > batch_size:
         raise ValueError(f"build_batch: {len(examples)} examples for a batch of {batch_size}")
-    _check_uniform(examples, kind, num_responses)
+    if num_scores is None:
+        num_scores = len(examples[0].scores) if examples else num_responses
+    _check_uniform(examples, kind, num_responses, num_scores)
     kind = kind or (examples[0].kind if examples else "pair")
-    filler = filler_example(kind, num_responses, pad_id)
+    filler = filler_example(kind, num_responses, pad_id, num_scores)
     slots = list(examples) + [filler] * (batch_size - len(examples))
     left_out: list[int] = []
     if layout.pack:
@@ -103,7 +118,7 @@ def build_batch(
     weight = np.asarray([ex.weight for ex in slots], np.float32)
     weight[left_out] = 0.0  # dropped by packing overflow: in no row, so it must not count
     batch = Batch(**rows, weight=weight,
-                  scores=np.asarray([ex.scores for ex in slots], np.float32).reshape(batch_size, num_responses),
+                  scores=np.asarray([ex.scores for ex in slots], np.float32).reshape(batch_size, num_scores),
                   margin=np.asarray([ex.margin for ex in slots], np.float32),
                   label=np.asarray([ex.label for ex in slots], np.float32),
                   num_responses=num_responses, layout="packed" if layout.pack else "unpacked")

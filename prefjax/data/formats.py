@@ -6,7 +6,7 @@
     #             set data.format to override"
     example = parse_as("alpaca", row, Location("prefs.jsonl", 3))
 
-``records`` knows three shapes with canonical column names (pair / unpaired / ranked). A row
+``records`` knows four shapes with canonical column names (pair / unpaired / ranked / rated). A row
 format says how the columns of a public dataset layout map onto one of them. The formats, by
 the name ``data.format`` (or ``row_format=``) takes:
 
@@ -39,12 +39,22 @@ ultrafeedback_binarized    ``prompt`` + ``chosen``/``rejected`` message lists th
                            out: the shared first message is the prompt
 ultrafeedback              ``instruction`` + ``completions`` ``[{"response",                      ranked
                            "fine-grained_score" (else "overall_score")}]`` (openbmb/UltraFeedback)
+rated                      ``prompt`` + ``response`` + ``ratings`` (``{attribute: rating}`` or a  rated
+                           list of ratings; null = not rated)
+helpsteer2                 ``prompt`` + ``response`` + rating columns ``helpfulness``,            rated
+                           ``correctness``, ``coherence``, ``complexity``, ``verbosity``
+                           (nvidia/HelpSteer2, one rated response per row): ratings = those five,
+                           in that order, NaN where a column is missing or null; the prompt text
+                           is split into messages at ``<extra_id_1>User`` / ``Assistant`` lines,
+                           so every example is a conversation (as the ``helpsteer2`` TFDS
+                           builder's)
 =========================  =====================================================================  ==========
 
 ``data.fields`` (a canonical name -> column mapping) renames the canonical columns a format reads
-(prompt, chosen, rejected, completion, label, responses, scores, ranks, score_chosen,
-score_rejected, margin, weight); a format's own columns (conversations, messages, instruction,
-output_1, ...) keep their public names. Optional score/margin/weight columns pass through.
+(prompt, chosen, rejected, completion, label, responses, scores, ranks, response, ratings,
+score_chosen, score_rejected, margin, weight); a format's own columns (conversations, messages,
+instruction, output_1, helpfulness, ...) keep their public names. Optional score/margin/weight
+columns pass through.
 
 Detection (``row_format="auto"``): each format recognises rows by its distinguishing columns;
 where several fit, a more specific format wins over the one it refines (sharegpt, messages,
@@ -83,6 +93,7 @@ from prefjax.data.records import (
     check_on_error,
     handle_error,
     parse_row,
+    rating_value,
 )
 
 log = logging.getLogger(__name__)
@@ -387,6 +398,43 @@ def _ultrafeedback(r: Row) -> Converted:
 
 
 # ---------------------------------------------------------------------------------------------
+# HelpSteer2: one rated response per row
+# ---------------------------------------------------------------------------------------------
+
+# nvidia/HelpSteer2's rated attributes (0-4 each), in the dataset card's order: the rated
+# examples' ratings, and the default labels of a reward model trained on them.
+HELPSTEER2_ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
+_HELPSTEER2_TURN = re.compile(r"\n?<extra_id_1>(User|Assistant)\n?")
+_HELPSTEER2_ROLES = {"User": "user", "Assistant": "assistant"}
+
+
+def parse_helpsteer2_prompt(text: str) -> list[Message]:
+    """HelpSteer2 prompt text -> messages: the first turn is the user's, later turns follow
+    ``<extra_id_1>User`` / ``<extra_id_1>Assistant`` lines (multi-turn prompts, about 29%)."""
+    parts = _HELPSTEER2_TURN.split(text)
+    roles = ["user"] + [_HELPSTEER2_ROLES[role] for role in parts[1::2]]
+    return [{"role": role, "content": content.strip()} for role, content in zip(roles, parts[0::2])]
+
+
+def _is_helpsteer2(r: Row) -> bool:
+    return (r.has("response") and not r.has("ratings")
+            and any(column in r.row for column in HELPSTEER2_ATTRIBUTES))
+
+
+def _helpsteer2(r: Row) -> Converted:
+    # Every attribute, in order, NaN where missing: rows agree on what ratings[i] is.
+    ratings = {name: rating_value(r.row.get(name), r.location, name) for name in HELPSTEER2_ATTRIBUTES}
+    if all(math.isnan(value) for value in ratings.values()):
+        raise DataError(r.location, None, f"rates nothing: {', '.join(HELPSTEER2_ATTRIBUTES)} are all missing or "
+                        "null", MISSING)
+    values = {r.column("ratings"): ratings}
+    prompt = r.get("prompt")
+    if isinstance(prompt, str) and prompt.strip():
+        values[r.column("prompt")] = parse_helpsteer2_prompt(prompt)
+    return _relaid(r, "rated", values, {})
+
+
+# ---------------------------------------------------------------------------------------------
 # The registry
 # ---------------------------------------------------------------------------------------------
 
@@ -418,9 +466,13 @@ FORMATS: dict[str, RowFormat] = {f.name: f for f in (
     RowFormat("ultrafeedback", "instruction + completions with ratings", ("ranked",),
               lambda r: "instruction" in r.row and isinstance(r.row.get("completions"), list),
               _ultrafeedback),
+    RowFormat("rated", "prompt + response + ratings", ("rated",),
+              lambda r: r.has("response") and r.has("ratings"), _as_is("rated")),
+    RowFormat("helpsteer2", "prompt + response + helpfulness/correctness/coherence/complexity/verbosity",
+              ("rated",), _is_helpsteer2, _helpsteer2),
 )}
 # The format a shape's canonical columns make (what a row with no better match is read as).
-CANONICAL = {"pair": "trl_pair", "unpaired": "trl_unpaired", "ranked": "ranked"}
+CANONICAL = {"pair": "trl_pair", "unpaired": "trl_unpaired", "ranked": "ranked", "rated": "rated"}
 
 
 def check_format(name: str) -> None:

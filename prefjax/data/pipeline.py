@@ -19,7 +19,8 @@ Stages (grain's Dataset API), in order:
    ``jax.process_count()``; pass them, or a grain ``ShardOptions``, to simulate processes).
    Every example is read by exactly one process per epoch.
 5. Tokenize + truncate (``ReadOptions.num_threads`` threads); dropped examples vanish.
-6. Batch ``batch_size`` examples per process (:func:`prefjax.data.batching.build_batch`);
+6. Batch ``batch_size`` examples per process (:func:`prefjax.data.batching.build_batch`;
+   rated examples give scores [B, L], their L ratings, ``Pipeline.rating_labels`` names them);
    a final partial batch is completed with weight-0 filler examples. With finite epochs every
    process yields the same number of batches (ceil(ceil(N * epochs / P) / B)); a process
    that runs out early (fewer examples, or more dropped) yields all-filler batches, so
@@ -73,6 +74,7 @@ from prefjax.data.tokenize import (
     RenderOptions,
     TokenizedExample,
     check_example,
+    rating_names,
     response_fields,
     tokenize_example,
 )
@@ -327,7 +329,8 @@ class _PassCheck:
 class _MakeBatch:
     """grain batch_fn: a list of TokenizedExamples -> a Batch (filler-completed)."""
 
-    def __init__(self, config: DataConfig, kind: str, num_responses: int, pad_id: int, stats: PipelineStats):
+    def __init__(self, config: DataConfig, kind: str, num_responses: int, pad_id: int, stats: PipelineStats,
+                 num_scores: int | None = None):
         self.config, self.kind, self.num_responses, self.pad_id, self.stats = (
             config,
             kind,
@@ -335,6 +338,7 @@ class _MakeBatch:
             pad_id,
             stats,
         )
+        self.num_scores = num_scores  # scores per example (rated: L); fixed, so filler-only batches agree
 
     def __call__(self, examples: Sequence[TokenizedExample]) -> Batch:
         batch, left_out = build_batch(
@@ -344,6 +348,7 @@ class _MakeBatch:
             self.config.layout,
             self.pad_id,
             self.kind,
+            self.num_scores,
         )
         self.stats.padding.add_batch(batch, pack_dropped=left_out)
         return batch
@@ -488,6 +493,15 @@ class Pipeline:
         if not 0 <= self.shard_index < self.shard_count:
             raise ValueError(f"shard_index {self.shard_index} is not in [0, shard_count={self.shard_count})")
         self.kind, self.num_responses = _source_shape(source)
+        # Rated data: the attributes (scores [B, L] columns), fixed for every batch; with none given,
+        # the first example's names (HelpSteer2 rows: its five attributes).
+        self.rating_labels: tuple[str, ...] = ()
+        if self.kind == "rated":
+            self.rating_labels = config.render.rating_labels or rating_names(source[0]["ratings"])
+            config = dataclasses.replace(
+                config, render=dataclasses.replace(config.render, rating_labels=self.rating_labels))
+            self.config = config
+        self.num_scores = len(self.rating_labels) if self.kind == "rated" else self.num_responses
         self.pad_id = _pad_id(tokenizer)
         self.stats_counters = PipelineStats()
         self.num_examples = len(source)
@@ -507,7 +521,8 @@ class Pipeline:
         iter_ds = ds.to_iter_dataset(
             grain.ReadOptions(num_threads=pc.read_threads, prefetch_buffer_size=pc.read_buffer)
         )
-        make_batch = _MakeBatch(config, self.kind, self.num_responses, self.pad_id, self.stats_counters)
+        make_batch = _MakeBatch(config, self.kind, self.num_responses, self.pad_id, self.stats_counters,
+                                self.num_scores)
         self.batches_per_process: Optional[int] = None
         if pc.fill_packed_rows:
             if pc.num_epochs is not None and self.shard_count > 1:
@@ -533,8 +548,8 @@ class Pipeline:
         pc = self.config.pipeline
         if pc.label_noise == 0.0:
             return None
-        if self.kind == "ranked":
-            raise ValueError("label_noise is defined for pair and unpaired data, not ranked")
+        if self.kind in ("ranked", "rated"):
+            raise ValueError(f"label_noise is defined for pair and unpaired data, not {self.kind}")
         seed = pc.seed if pc.label_noise_seed is None else pc.label_noise_seed
         flips = choose_flips(self.num_examples, pc.label_noise, seed)
         self.stats_counters.label_flips = int(flips.sum())

@@ -11,8 +11,8 @@ The canonical example is the interface to preprocessing (the project's data cont
 dicts; conversations are lists of ``{"role", "content"}`` messages, and plain text becomes a
 one-message conversation (prompt -> user, response -> assistant) with ``format: "text"``.
 Kinds: "pair" (prompt, chosen, rejected, score_chosen, score_rejected, margin, weight, source),
-"unpaired" (prompt, completion, label, weight, source) and "ranked" (prompt, responses, scores,
-weight, source).
+"unpaired" (prompt, completion, label, weight, source), "ranked" (prompt, responses, scores,
+weight, source) and "rated" (prompt, response, ratings, weight, source).
 
 Shapes (``shape=``):
 
@@ -26,6 +26,14 @@ Shapes (``shape=``):
   a message-list completion is split before its trailing assistant messages.
 - ``"ranked"``: ``prompt`` + ``responses`` (K >= 2) + ``scores`` (higher is better) or ``ranks``
   (1 = best; converted to scores = -rank).
+- ``"rated"``: ``prompt`` + one ``response`` + ``ratings``, the response's multi-attribute
+  ratings for a regression reward model (HelpSteer2 / SteerLM): a dict ``{attribute: rating}``
+  (kept as a dict, in the row's order) or a list of ratings (kept as a list: positional). A rating
+  is a number; null / NaN (or an empty CSV cell) means "not rated" and is stored as NaN (the loss
+  masks it). A row must rate something. Which attributes a reward model trains on, and in which
+  order, is chosen later, by name (prefjax.data.tokenize.rating_scores): an attribute a dict
+  leaves out is "not rated" (NaN), as a null is. The prompt / response split follows
+  ``"unpaired"``'s.
 
 Optional numeric columns: ``score_chosen``, ``score_rejected``, ``margin`` (pairs; NaN when absent)
 and ``weight`` (all shapes; 1.0 when absent). Column names are configurable with a field mapping,
@@ -50,11 +58,11 @@ import math
 import numbers
 from typing import Any, Mapping, Sequence
 
-KINDS = ("pair", "unpaired", "ranked")
+KINDS = ("pair", "unpaired", "ranked", "rated")
 ROLES = ("system", "user", "assistant", "tool")
 # Canonical field names a mapping may rename. "ranks" is an input-only alternative to "scores".
 FIELD_NAMES = ("prompt", "chosen", "rejected", "completion", "label", "responses", "scores", "ranks",
-               "score_chosen", "score_rejected", "margin", "weight")
+               "response", "ratings", "score_chosen", "score_rejected", "margin", "weight")
 ON_ERROR = ("raise", "skip")
 
 # Unambiguous label words, compared after strip() and lower(). Anything else (e.g. "2", "maybe",
@@ -447,27 +455,34 @@ def _parse_pair(r: Row) -> dict[str, Any]:
             "weight": _weight(r), "source": str(r.location)}
 
 
-def _parse_unpaired(r: Row) -> dict[str, Any]:
-    completion, chat = _conversation(r.require("completion"), r, "completion", "assistant")
+def _single_response(r: Row, name: str) -> tuple[Conversation, Conversation, str]:
+    """(prompt, response, format) of a one-response row (unpaired, rated): a message-list response
+    that repeats the prompt at its start loses it; without a prompt, everything before the
+    response's trailing assistant messages is the prompt."""
+    response, chat = _conversation(r.require(name), r, name, "assistant")
     prompt, prompt_chat = _prompt(r)
     offset = 0
-    if chat and prompt and completion[:len(prompt)] == prompt:
+    if chat and prompt and response[:len(prompt)] == prompt:
         offset = len(prompt)
     elif chat and not prompt:
-        # No prompt column: everything before the trailing assistant messages is the prompt.
-        offset = max((i + 1 for i, m in enumerate(completion) if m["role"] != "assistant"), default=0)
-        prompt = completion[:offset]
-    completion = completion[offset:]
+        offset = max((i + 1 for i, m in enumerate(response) if m["role"] != "assistant"), default=0)
+        prompt = response[:offset]
+    response = response[offset:]
     if not prompt:
         raise _no_prompt(r)
-    if not completion:
-        raise r.error("completion", "has no assistant message after the prompt", EMPTY)
+    if not response:
+        raise r.error(name, "has no assistant message after the prompt", EMPTY)
     if chat:
-        _check_response(completion, r, "completion", "", offset)
+        _check_response(response, r, name, "", offset)
     else:
-        _text_response(completion, r, "completion")
-    return {"kind": "unpaired", "format": "chat" if (chat or prompt_chat) else "text", "prompt": prompt,
-            "completion": completion, "label": _label(r), "weight": _weight(r), "source": str(r.location)}
+        _text_response(response, r, name)
+    return prompt, response, "chat" if (chat or prompt_chat) else "text"
+
+
+def _parse_unpaired(r: Row) -> dict[str, Any]:
+    prompt, completion, fmt = _single_response(r, "completion")
+    return {"kind": "unpaired", "format": fmt, "prompt": prompt, "completion": completion, "label": _label(r),
+            "weight": _weight(r), "source": str(r.location)}
 
 
 def _numbers(r: Row, name: str, count: int) -> list[float]:
@@ -518,7 +533,54 @@ def _parse_ranked(r: Row) -> dict[str, Any]:
             "responses": responses, "scores": scores, "weight": _weight(r), "source": str(r.location)}
 
 
-_PARSERS = {"pair": _parse_pair, "unpaired": _parse_unpaired, "ranked": _parse_ranked}
+def rating_value(value: Any, location: Location, field: str) -> float:
+    """One attribute rating as a float: NaN for "not rated" (null, an empty cell, NaN); a number or
+    numeric text otherwise. Raises DataError (BAD_SCORE) naming ``field`` for anything else."""
+    if _absent(value):
+        return math.nan
+    number = None
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            pass
+    if number is None or math.isinf(number):
+        raise DataError(location, field, f"must be a number (or null when not rated), got {value!r}", BAD_SCORE)
+    return number
+
+
+def _ratings(r: Row) -> dict[str, float] | list[float]:
+    raw = r.get("ratings")
+    if _absent(raw):
+        raise r.error("ratings", f"missing (row has columns {sorted(str(k) for k in r.row)})", MISSING)
+    if isinstance(raw, Mapping):
+        ratings: dict[str, float] | list[float] = {}
+        for name, value in raw.items():
+            if not isinstance(name, str) or not name.strip():
+                raise r.error("ratings", f"attribute names must be non-empty text, got {name!r}", WRONG_TYPE)
+            ratings[name] = rating_value(value, r.location, r.label("ratings", f".{name}"))
+    elif isinstance(raw, (list, tuple)):
+        ratings = [rating_value(v, r.location, r.label("ratings", f"[{i}]")) for i, v in enumerate(raw)]
+    else:
+        raise r.error("ratings", f"must be a dict {{attribute: rating}} or a list of ratings, got "
+                      f"{type(raw).__name__}", WRONG_TYPE)
+    values = list(ratings.values()) if isinstance(ratings, dict) else ratings
+    if not values:
+        raise r.error("ratings", "has no ratings", MISSING)
+    if all(math.isnan(v) for v in values):
+        raise r.error("ratings", "rates nothing: every rating is null or NaN", MISSING)
+    return ratings
+
+
+def _parse_rated(r: Row) -> dict[str, Any]:
+    prompt, response, fmt = _single_response(r, "response")
+    return {"kind": "rated", "format": fmt, "prompt": prompt, "response": response, "ratings": _ratings(r),
+            "weight": _weight(r), "source": str(r.location)}
+
+
+_PARSERS = {"pair": _parse_pair, "unpaired": _parse_unpaired, "ranked": _parse_ranked, "rated": _parse_rated}
 
 
 def parse_row(row: Mapping[str, Any], shape: str, location: Location,

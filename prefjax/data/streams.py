@@ -18,6 +18,7 @@ unpaired examples (KTO, BCO, ...) reads pair data as two unpaired examples per p
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import operator
@@ -39,7 +40,8 @@ log = logging.getLogger(__name__)
 _NEEDS = {"pair": "pairs (prompt + chosen + rejected)",
           "unpaired": "unpaired examples (prompt + completion + label), or pairs (each becomes a desirable "
                       "and an undesirable example)",
-          "ranked": "ranked examples (prompt + responses + scores or ranks)"}
+          "ranked": "ranked examples (prompt + responses + scores or ranks)",
+          "rated": "rated examples (prompt + response + ratings, or HelpSteer2 rows)"}
 
 
 class SyntheticStream:
@@ -47,10 +49,12 @@ class SyntheticStream:
     so a run sees the same data whatever its process count."""
 
     def __init__(self, *, batch_size: int, num_responses: int, length: int, vocab_size: int, kind: str,
-                 seed: int, num_batches: Optional[int] = None, pool: int = 0):
+                 seed: int, num_batches: Optional[int] = None, pool: int = 0,
+                 num_scores: int | None = None):
         self.pool = pool  # > 0: cycle through this many distinct batches (learnable; smoke runs)
         self.batch_size, self.num_responses, self.length = batch_size, num_responses, length
         self.vocab_size, self.kind, self.seed = vocab_size, kind, seed
+        self.num_scores = num_scores  # rated batches: L ratings per example
         self.num_batches = num_batches
         self.position = 0
         self.pad_id = 0
@@ -68,7 +72,8 @@ class SyntheticStream:
         self.position += 1
         count, index = jax.process_count(), jax.process_index()
         full = synthetic_batches.random_batch(self.batch_size * count, self.num_responses, self.length,
-                                              self.vocab_size, seed=seed, kind=self.kind, fill=0.9)
+                                              self.vocab_size, seed=seed, kind=self.kind, fill=0.9,
+                                              num_scores=self.num_scores)
         return full.process_slice(count, index)
 
     def state(self) -> dict[str, Any]:
@@ -94,6 +99,7 @@ class PipelineStream:
         self.data_iterator = iter(pipeline)
         self.num_responses = pipeline.num_responses
         self.pad_id = pipeline.pad_id
+        self.rating_labels = pipeline.rating_labels  # rated data: the names of scores' L columns
 
     def __iter__(self) -> "PipelineStream":
         return self
@@ -216,17 +222,34 @@ def _unpacked_or_packed_stream(config: ml_collections.ConfigDict, source_spec: s
     data = config.data
     per_process = data.batch_size // jax.process_count()
     if source_spec == "synthetic":
-        k = {"pair": 2, "unpaired": 1}.get(kind, data.num_responses)
+        k = {"pair": 2, "unpaired": 1, "rated": 1}.get(kind, data.num_responses)
         return SyntheticStream(batch_size=per_process, num_responses=k, length=data.max_len,
                                vocab_size=vocab_size, kind=kind, seed=config.seed + (0 if train else 10_007),
                                num_batches=None if train else config.eval_batches,
-                               pool=data.synthetic_pool if train else 0)
+                               pool=data.synthetic_pool if train else 0,
+                               num_scores=config.reward.num_labels if kind == "rated" else None)
     if tokenizer is None:
         raise ValueError(f"data.source={source_spec!r} needs a tokenizer: set model.hf_folder or data.tokenizer")
     source, summary = load_examples(config, source_spec, kind=kind, train=train)
     cfg = data_config(data, per_process_batch=per_process, seed=config.seed,
                       num_epochs=data.num_epochs if train else 1, shuffle=data.shuffle and train)
-    return PipelineStream(pipeline_lib.Pipeline(source, tokenizer, cfg), load_summary=summary)
+    if kind == "rated":
+        cfg = dataclasses.replace(cfg, render=dataclasses.replace(cfg.render,
+                                                                  rating_labels=tuple(config.reward.labels)))
+    pipeline = pipeline_lib.Pipeline(source, tokenizer, cfg)
+    if kind == "rated":
+        _check_rating_labels(pipeline.rating_labels, config, "data.source" if train else "data.eval_source",
+                             source_spec)
+    return PipelineStream(pipeline, load_summary=summary)
+
+
+def _check_rating_labels(labels: Sequence[str], config: ml_collections.ConfigDict, key: str, spec: str) -> None:
+    """The data's attributes (reward.labels, or the first example's names) must be one per reward output."""
+    n = config.reward.num_labels
+    if len(labels) != n:
+        raise DataKindError(f"{key}={spec!r} rates {len(labels)} attributes {list(labels)}, but reward.num_labels="
+                            f"{n}: set reward.num_labels={len(labels)}, or reward.labels to the {n} attributes to "
+                            "train on")
 
 
 class DataKindError(ValueError):

@@ -13,11 +13,13 @@ from prefjax.batch import Batch
 
 
 def random_batch(batch_size: int, num_responses: int, length: int, vocab_size: int, *, seed: int = 0,
-                 min_prompt: int = 2, kind: str = "pair", fill: float = 1.0) -> Batch:
+                 min_prompt: int = 2, kind: str = "pair", fill: float = 1.0,
+                 num_scores: int | None = None) -> Batch:
     """A numpy Batch of `batch_size` examples with `num_responses` responses each.
 
     fill: fraction of the row (at most) a sequence occupies, so some rows end in padding.
-    Unpaired batches get alternating labels; ranked ones random scores.
+    Unpaired batches get alternating labels; ranked ones random scores. num_scores: the
+    width of `scores` (rated batches: L ratings for their one response; default K).
     """
     rng = np.random.default_rng(seed)
     rows = batch_size * num_responses
@@ -39,7 +41,7 @@ def random_batch(batch_size: int, num_responses: int, length: int, vocab_size: i
     positions = np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)).copy()
     example_id = np.where(segments > 0, np.tile(np.arange(batch_size), num_responses)[:, None], -1).astype(np.int32)
     response_id = np.where(segments > 0, np.repeat(np.arange(num_responses), batch_size)[:, None], -1).astype(np.int32)
-    scores = rng.normal(size=(batch_size, num_responses)).astype(np.float32)
+    scores = rng.normal(size=(batch_size, num_scores or num_responses)).astype(np.float32)
     label = (np.arange(batch_size) % 2 == 0).astype(np.float32) if kind == "unpaired" else np.ones(batch_size, np.float32)
     return Batch(tokens=tokens, positions=positions, segments=segments, loss_mask=loss_mask, example_id=example_id,
                  response_id=response_id, weight=np.ones(batch_size, np.float32), scores=scores,

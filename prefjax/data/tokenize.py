@@ -37,6 +37,12 @@ chat mode (the template closes turns); plain text closes each response with EOS
 
 Plain text (``format: "text"`` examples, or ``template=None`` for all): prompt contents then
 response contents, concatenated without a template (``text_separator`` between them).
+
+Rated examples (one response, multi-attribute ``ratings``): ``TokenizedExample.scores`` holds
+the L ratings that ``RenderOptions.rating_labels`` names, in that order (:func:`rating_scores`),
+so a batch of them has ``scores`` [B, L] and one response per example. With no labels an
+example's own names are used (:func:`rating_names`); the pipeline fixes them from its first
+example, so every batch agrees on what column l is.
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ import numpy as np
 
 from prefjax.models.tokenizer import Tokenizer
 
-KINDS = ("pair", "unpaired", "ranked")
+KINDS = ("pair", "unpaired", "ranked", "rated")
 TEMPLATE_FROM_TOKENIZER = "tokenizer"
 
 
@@ -76,6 +82,8 @@ class RenderOptions:
       added token of the tokenizer (EOS, ``<|im_end|>``, ``<end_of_turn>``, ...).
     template_kwargs: extra variables for the template (e.g. ``{"enable_thinking": False}``).
     text_separator: plain text only: inserted between the prompt and the response text.
+    rating_labels: rated examples only: the attributes whose ratings become the example's scores,
+      in order (a regression reward model's output names); () takes each example's own names.
     """
 
     template: Optional[str] = TEMPLATE_FROM_TOKENIZER
@@ -85,6 +93,7 @@ class RenderOptions:
     end_of_turn_tokens: Optional[tuple[str, ...]] = None
     template_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     text_separator: str = ""
+    rating_labels: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.text_format not in ("plain", "chat"):
@@ -93,6 +102,11 @@ class RenderOptions:
             raise ValueError(
                 "RenderOptions.end_of_turn_tokens must be a sequence of token strings, not a string"
             )
+        if isinstance(self.rating_labels, str) or not all(
+                isinstance(name, str) and name for name in self.rating_labels):
+            raise ValueError(f"RenderOptions.rating_labels must be a sequence of attribute names, got "
+                             f"{self.rating_labels!r}")
+        object.__setattr__(self, "rating_labels", tuple(self.rating_labels))  # lists from a config
 
 
 @dataclasses.dataclass
@@ -100,7 +114,8 @@ class TokenizedExample:
     """One example after tokenization: a shared prompt and K responses with their masks.
 
     ``response_masks[k][t]`` is 1 where ``response_ids[k][t]`` is scored. ``scores`` has K
-    entries (nan where absent); ``label`` is 1/0 for unpaired examples and 1 otherwise.
+    entries (nan where absent), or for rated examples (K = 1) the L ratings (nan = not rated);
+    ``label`` is 1/0 for unpaired examples and 1 otherwise.
     """
 
     kind: str
@@ -167,6 +182,8 @@ def response_fields(example: Mapping[str, Any]) -> list[tuple[str, Any]]:
         return [("chosen", example.get("chosen")), ("rejected", example.get("rejected"))]
     if kind == "unpaired":
         return [("completion", example.get("completion"))]
+    if kind == "rated":
+        return [("response", example.get("response"))]
     responses = example.get("responses")
     if not isinstance(responses, (list, tuple)):
         raise PreprocessError(f"{example_source(example)}: field 'responses' must be a list of conversations")
@@ -198,9 +215,55 @@ def check_example(example: Any) -> None:
             raise PreprocessError(
                 f"{source}: field 'scores' must be a list of {len(fields)} numbers, got {scores!r}"
             )
+    if kind == "rated":
+        _check_ratings(example.get("ratings"), source)
     weight = example.get("weight", 1.0)
     if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not weight >= 0:
         raise PreprocessError(f"{source}: field 'weight' must be a number >= 0, got {weight!r}")
+
+
+def _is_rating(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _check_ratings(ratings: Any, source: str) -> None:
+    values = list(ratings.values()) if isinstance(ratings, Mapping) else ratings
+    if not isinstance(values, (list, tuple)) or not values or not all(_is_rating(v) for v in values):
+        raise PreprocessError(f"{source}: field 'ratings' must be a non-empty dict {{attribute: number}} or "
+                              f"list of numbers (null / NaN = not rated), got {ratings!r}")
+
+
+def rating_names(ratings: Any) -> tuple[str, ...]:
+    """The attribute names of an example's ``ratings``: a dict's keys in order; a list's positions
+    as Hugging Face's default label names LABEL_0, LABEL_1, ..."""
+    if isinstance(ratings, Mapping):
+        return tuple(str(name) for name in ratings)
+    return tuple(f"LABEL_{i}" for i in range(len(ratings)))
+
+
+def rating_scores(example: Mapping[str, Any], labels: Sequence[str] = ()) -> tuple[float, ...]:
+    """A rated example's ratings of ``labels``, in that order (NaN = not rated).
+
+    A dict is read by name: an attribute it leaves out is not rated (NaN), but a dict that has
+    none of the labels is an error (the names do not match the data). A list is positional: it
+    must have one rating per label. ``labels=()``: every rating, in the example's order.
+    """
+    ratings, source = example["ratings"], example_source(example)
+    _check_ratings(ratings, source)
+    labels = tuple(labels) or rating_names(ratings)
+    if isinstance(ratings, Mapping):
+        if not any(name in ratings for name in labels):
+            raise PreprocessError(
+                f"{source}: field 'ratings' rates none of the reward model's labels {list(labels)}; it rates "
+                f"{list(ratings)}: set reward.labels to the attribute names the data uses")
+        values = [ratings.get(name) for name in labels]
+    else:
+        if len(ratings) != len(labels):
+            raise PreprocessError(
+                f"{source}: field 'ratings' has {len(ratings)} ratings but the reward model has {len(labels)} "
+                f"labels {list(labels)}: give every row one rating per label (or ratings as a dict by name)")
+        values = list(ratings)
+    return tuple(math.nan if v is None else float(v) for v in values)
 
 
 def _float(example: Mapping[str, Any], field: str) -> float:
@@ -215,7 +278,7 @@ def _float(example: Mapping[str, Any], field: str) -> float:
         ) from err
 
 
-def _per_example_fields(example: Mapping[str, Any]) -> dict[str, Any]:
+def _per_example_fields(example: Mapping[str, Any], labels: Sequence[str]) -> dict[str, Any]:
     kind = example["kind"]
     if kind == "pair":
         scores = (_float(example, "score_chosen"), _float(example, "score_rejected"))
@@ -223,6 +286,9 @@ def _per_example_fields(example: Mapping[str, Any]) -> dict[str, Any]:
     elif kind == "unpaired":
         scores = (math.nan,)
         label = 1.0 if example["label"] else 0.0
+    elif kind == "rated":
+        scores = rating_scores(example, labels)
+        label = 1.0
     else:
         scores = tuple(float(s) if s is not None else math.nan for s in example["scores"])
         label = 1.0
@@ -415,5 +481,5 @@ def tokenize_example(
         prompt_ids=np.asarray(first[:shared], np.int32),
         response_ids=[np.asarray(ids[shared:], np.int32) for ids, _, _ in sequences],
         response_masks=[np.asarray(mask[shared:], np.int8) for _, mask, _ in sequences],
-        **_per_example_fields(example),
+        **_per_example_fields(example, options.rating_labels),
     )

@@ -23,13 +23,18 @@ ATTRIBUTE_REDUCTIONS = ("mean", "sum")
 
 
 def _reward_metrics(r_w: Array, r_l: Array) -> dict[str, Array]:
-    """TRL's reward-model metrics, per example and detached."""
+    """TRL's reward-model metrics, per example and detached, and calibration: the model's
+    probability that the chosen response wins, sigma(r_w - r_l), whose mean a calibrated model
+    matches to its accuracy, and the Brier score (1 - sigma(r_w - r_l))^2."""
     r_w, r_l = jax.lax.stop_gradient(r_w), jax.lax.stop_gradient(r_l)
+    p_chosen = jax.nn.sigmoid(r_w - r_l)
     return {
         "rewards/chosen": r_w,
         "rewards/rejected": r_l,
         "rewards/margins": r_w - r_l,
         "rewards/accuracies": (r_w > r_l).astype(jnp.float32),
+        "rewards/chosen_probability": p_chosen,
+        "rewards/brier": (1.0 - p_chosen) ** 2,
     }
 
 

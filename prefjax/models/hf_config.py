@@ -7,11 +7,18 @@ refuses anything that would make prefjax's network differ from the checkpoint's
 (an unsupported RoPE type, biases prefjax has no parameter for, bidirectional
 attention) with an error naming the file and field. `to_hf_config` writes a
 config.json that transformers loads back into the same architecture.
+
+Reward models are transformers' `*ForSequenceClassification` folders: the same
+decoder fields plus num_labels, id2label/label2id and pad_token_id, which
+`read_reward_fields` reads and `reward_config_fields` writes (with prefjax's
+optional "prefjax_reward_normalization": {"mean": [L], "std": [L]}).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any, Optional
 
@@ -27,6 +34,17 @@ _FAMILIES = {
     "gemma2": ("gemma2", "Gemma2ForCausalLM", True),
 }
 SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
+# prefjax family -> transformers' sequence-classification (reward model) class
+_REWARD_ARCHITECTURES = {
+    "llama": "LlamaForSequenceClassification",
+    "mistral": "MistralForSequenceClassification",
+    "qwen2": "Qwen2ForSequenceClassification",
+    "qwen3": "Qwen3ForSequenceClassification",
+    "gemma": "GemmaForSequenceClassification",
+    "gemma2": "Gemma2ForSequenceClassification",
+}
+REWARD_ARCHITECTURE_SUFFIX = "ForSequenceClassification"
+NORMALIZATION_FIELD = "prefjax_reward_normalization"
 _SUPPORTED_ROPE = ("default", "linear", "llama3")
 
 
@@ -254,3 +272,111 @@ def to_hf_config(cfg: ModelConfig, *, torch_dtype: Optional[str] = None, **extra
         config["query_pre_attn_scalar"] = int(scalar) if float(scalar).is_integer() else scalar
     config.update(extra)
     return config
+
+
+# ---------------------------------------------------------------------------
+# Reward models (*ForSequenceClassification)
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class RewardFields:
+    """The config.json fields of a reward model beyond its decoder's."""
+
+    labels: tuple[str, ...]           # id2label in id order; len = num_labels
+    pad_token_id: Optional[int]       # None when config.json has none
+    normalization: Optional[dict[str, list[float]]]  # {"mean": [L], "std": [L]} or None
+
+
+def architectures(config: dict[str, Any]) -> list[str]:
+    """config.json's "architectures" (empty when absent or malformed)."""
+    value = config.get("architectures")
+    return [a for a in value if isinstance(a, str)] if isinstance(value, list) else []
+
+
+def is_reward_config(config: dict[str, Any]) -> bool:
+    """True when config.json names a *ForSequenceClassification architecture."""
+    return any(a.endswith(REWARD_ARCHITECTURE_SUFFIX) for a in architectures(config))
+
+
+def reward_architecture(family: str) -> str:
+    """transformers' sequence-classification class of a prefjax family."""
+    return _REWARD_ARCHITECTURES[family]
+
+
+def eos_token_ids(config: dict[str, Any]) -> set[int]:
+    """eos_token_id of a config dict as a set (transformers allows an int or a list)."""
+    value = config.get("eos_token_id")
+    values = value if isinstance(value, list) else [value]
+    return {v for v in values if isinstance(v, int) and not isinstance(v, bool)}
+
+
+def read_reward_fields(config: dict[str, Any], source: str = "config.json") -> RewardFields:
+    """num_labels, id2label, pad_token_id and prefjax's normalisation of a reward config.json."""
+    reader = _Fields(config, source)
+    id2label = config.get("id2label")
+    num_labels = reader.get("num_labels", int, default=None)
+    if id2label is None:
+        if num_labels is None:
+            raise HFConfigError(f"{source}: a reward model needs field 'num_labels' or 'id2label'; neither is set")
+        labels = tuple(f"LABEL_{i}" for i in range(num_labels))
+    else:
+        labels = _labels_from_id2label(id2label, source)
+        if num_labels is not None and num_labels != len(labels):
+            raise HFConfigError(f"{source}: field num_labels={num_labels} but id2label has {len(labels)} entries")
+    if not labels:
+        raise HFConfigError(f"{source}: a reward model needs num_labels >= 1")
+    pad = reader.get("pad_token_id", int, default=None)
+    normalization = config.get(NORMALIZATION_FIELD)
+    if normalization is not None:
+        normalization = check_normalization(normalization, len(labels), f"{source}: field {NORMALIZATION_FIELD}")
+    return RewardFields(labels, pad, normalization)
+
+
+def _labels_from_id2label(id2label: Any, source: str) -> tuple[str, ...]:
+    if not isinstance(id2label, dict):
+        raise HFConfigError(f"{source}: field id2label should be an object {{\"0\": name, ...}}")
+    try:
+        by_id = {int(k): v for k, v in id2label.items()}
+    except ValueError:
+        raise HFConfigError(f"{source}: field id2label has keys {sorted(id2label)}; they should be "
+                            "0, 1, ..., num_labels - 1") from None
+    if sorted(by_id) != list(range(len(by_id))) or not all(isinstance(v, str) for v in by_id.values()):
+        raise HFConfigError(f"{source}: field id2label should map \"0\" .. \"{len(by_id) - 1}\" to names; "
+                            f"got {id2label}")
+    return tuple(by_id[i] for i in range(len(by_id)))
+
+
+def check_normalization(normalization: Any, num_labels: int, where: str) -> dict[str, list[float]]:
+    """{"mean": [L], "std": [L]} as float lists; std > 0 and every value finite."""
+    if not isinstance(normalization, dict) or set(normalization) != {"mean", "std"}:
+        raise HFConfigError(f"{where} should be {{\"mean\": [{num_labels} numbers], "
+                            f"\"std\": [{num_labels} numbers]}}; got {normalization!r}")
+    result = {}
+    for key in ("mean", "std"):
+        values = normalization[key]
+        values = list(values) if isinstance(values, (list, tuple)) else None
+        if values is None or len(values) != num_labels or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            raise HFConfigError(f"{where}: {key!r} should be {num_labels} finite number(s) (one per label); "
+                                f"got {normalization[key]!r}")
+        result[key] = [float(v) for v in values]
+    if any(s <= 0 for s in result["std"]):
+        raise HFConfigError(f"{where}: 'std' should be positive; got {result['std']}")
+    return result
+
+
+def reward_config_fields(family: str, labels: tuple[str, ...], pad_token_id: int,
+                         normalization: Optional[dict[str, list[float]]]) -> dict[str, Any]:
+    """The config.json fields that make a decoder config a reward model's."""
+    fields: dict[str, Any] = {
+        "architectures": [reward_architecture(family)],
+        "num_labels": len(labels),
+        "id2label": {str(i): name for i, name in enumerate(labels)},
+        "label2id": {name: i for i, name in enumerate(labels)},
+        "pad_token_id": pad_token_id,
+        # transformers' training loss for float targets; BT scores and ratings are both regressions.
+        "problem_type": "regression",
+    }
+    if normalization is not None:
+        fields[NORMALIZATION_FIELD] = normalization
+    return fields

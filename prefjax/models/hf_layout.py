@@ -8,6 +8,11 @@ and transposes (numpy views), so indexing the result with a shard's slice
 reads just that slice from a memory-mapped checkpoint. No permutation of the
 rotary dimensions is needed: transformers' Llama-family models use the same
 half-split RoPE convention as prefjax.
+
+A reward model (transformers' `*ForSequenceClassification`) has every decoder
+tensor except `lm_head.weight`, plus `score.weight` [L, D] (no bias): the
+transpose of prefjax's reward head [D, L]. `reward_model_config` is the config
+its decoder is built from, `reward_head_mapping` the head's mapping.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import numpy as np
 from prefjax.models.config import ModelConfig
 
 ParamPath = tuple  # e.g. ("layers", 3, "attn", "q")
+SCORE_WEIGHT = "score.weight"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,3 +114,18 @@ def is_ignorable(hf_name: str, cfg: ModelConfig) -> bool:
     if hf_name.endswith("rotary_emb.inv_freq"):
         return True
     return cfg.tie_embeddings and hf_name == "lm_head.weight"
+
+
+def reward_model_config(cfg: ModelConfig) -> ModelConfig:
+    """`cfg` with no LM head: the decoder of a reward model has no lm_head parameter.
+
+    prefjax's Transformer creates lm_head exactly when embeddings are untied, so a
+    tied config is the smallest change that drops it; the unembedding a tied model
+    would use is never read by a reward model (its head is `score.weight`).
+    """
+    return cfg if cfg.tie_embeddings else cfg.replace(tie_embeddings=True)
+
+
+def reward_head_mapping(cfg: ModelConfig, num_labels: int) -> TensorMapping:
+    """Hugging Face `score.weight` [L, D] <-> prefjax's reward head [D, L]."""
+    return TensorMapping(("reward_head",), SCORE_WEIGHT, (num_labels, cfg.hidden_size), _transpose, _transpose)

@@ -20,7 +20,8 @@ Which kernels are targetable, and how their axes split into input/output, is
 an explicit table (`_KERNELS`), not a guess from shapes. Dropout on the LoRA
 branch is not offered: it needs the unmerged x @ A @ B form, while this module
 works on merged weights so that the model code stays unaware of LoRA.
-`export_peft` writes a Hugging Face PEFT adapter folder.
+`export_peft` writes a Hugging Face PEFT adapter folder (a causal LM, or with
+task_type="SEQ_CLS" a LoRA reward model whose head is saved as the `score` module).
 """
 
 from __future__ import annotations
@@ -407,22 +408,42 @@ def _peft_target_modules(adapters: Params, model_cfg: ModelConfig) -> Any:
     # PEFT full-matches a string target_modules against module names.
     return "(" + "|".join(re.escape(name) for name in sorted(names.values())) + ")"
 
+PEFT_TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS")
+# PEFT saves a modules_to_save copy under the module's own name in the base model.
+PEFT_SCORE_WEIGHT = "base_model.model.score.weight"
+
+
 def export_peft(adapters: Params, lora_cfg: LoraConfig, model_cfg: ModelConfig, folder: str, *,
-                base_model_name_or_path: Optional[str] = None) -> dict[str, tuple[int, ...]]:
+                base_model_name_or_path: Optional[str] = None, task_type: str = "CAUSAL_LM",
+                reward_head: Optional[Array] = None) -> dict[str, tuple[int, ...]]:
     """Writes a Hugging Face PEFT adapter: adapter_config.json + adapter_model.safetensors.
 
-    Loadable with `PeftModel.from_pretrained(hf_model, folder)` on the
-    *ForCausalLM checkpoint the base params came from. Returns {tensor name: shape}.
+    task_type "CAUSAL_LM": loadable with `PeftModel.from_pretrained(hf_model, folder)` on the
+    *ForCausalLM checkpoint the base params came from. "SEQ_CLS" (a LoRA reward model):
+    `reward_head` [D, L] is saved as the fully trained `score` module (modules_to_save),
+    and the adapter loads onto that checkpoint opened with
+    AutoModelForSequenceClassification(num_labels=L, pad_token_id=...). Returns {tensor name: shape}.
     """
+    if task_type not in PEFT_TASK_TYPES:
+        raise ValueError(f"export_peft: task_type={task_type!r} is not one of {PEFT_TASK_TYPES}")
+    if (task_type == "SEQ_CLS") != (reward_head is not None):
+        raise ValueError("export_peft: task_type='SEQ_CLS' needs reward_head=[hidden_size, num_labels], "
+                         "and only it takes one")
     if model_cfg.tie_embeddings and _get_or_none(adapters, ("embedding",)) is not None:
         # In PEFT an adapter on tied embed_tokens changes the input lookup only;
         # here the tied matrix is also the unembedding, so the two would differ.
         raise ValueError("cannot export an embedding adapter of a tied-embedding model to PEFT")
     tensors = peft_tensors(adapters)
+    if reward_head is not None:
+        head = np.asarray(jax.device_get(reward_head))
+        if head.ndim != 2 or head.shape[0] != model_cfg.hidden_size:
+            raise ValueError(f"export_peft: reward_head has shape {list(head.shape)}; expected "
+                             f"[hidden_size={model_cfg.hidden_size}, num_labels]")
+        tensors[PEFT_SCORE_WEIGHT] = np.ascontiguousarray(head.T)  # Linear layout [L, D]
     alpha = int(lora_cfg.alpha) if float(lora_cfg.alpha).is_integer() else lora_cfg.alpha
     config = {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path,
         "r": lora_cfg.rank,
         "lora_alpha": alpha,
@@ -432,7 +453,7 @@ def export_peft(adapters: Params, lora_cfg: LoraConfig, model_cfg: ModelConfig, 
         "bias": "none",
         "fan_in_fan_out": False,
         "target_modules": _peft_target_modules(adapters, model_cfg),
-        "modules_to_save": None,
+        "modules_to_save": ["score"] if task_type == "SEQ_CLS" else None,
         "layers_to_transform": None,
         "layers_pattern": None,
         "rank_pattern": {},

@@ -8,7 +8,7 @@ model through prefjax.train with the `sft` loss), `rollouts` (sampling and scori
 prefjax.sampling / prefjax.scoring),
 `west_of_n` (best-vs-worst preference pairs written as a JSONL dataset),
 preference tuning with prefjax.train, `evaluate` (reward, KL, win rate, reward
-accuracy), `plots`, and `pipeline` which runs them in order. `frontier` and
-`label_noise` run the experiments of configs/quickstart_frontier.py and
-configs/quickstart_label_noise.py in-process.
+accuracy), `plots`, and `pipeline` which runs them in order. `frontier`,
+`label_noise` and `reward_model` run the experiments of configs/quickstart_frontier.py,
+configs/quickstart_label_noise.py and configs/quickstart_reward_model.py in-process.
 """

@@ -127,17 +127,22 @@ def parse_seeds(text: str) -> list[int]:
         raise SystemExit(f"--seeds={text!r}: expected comma-separated integers, e.g. 0,1,2") from None
 
 
+def parser(description: str, default_config: str | Path) -> argparse.ArgumentParser:
+    """The experiment scripts' shared flags: --workdir, --config, --small, --seeds."""
+    flags = argparse.ArgumentParser(description=description)
+    flags.add_argument("--workdir", required=True)
+    flags.add_argument("--config", default=str(default_config),
+                       help="a config file with get_config and sweep(add)")
+    flags.add_argument("--small", action="store_true", help="the shrunken quick start (get_config('small'))")
+    flags.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
+    return flags
+
+
 def cli(description: str, default_config: str | Path,
         argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace, list[dict[str, Any]]]:
-    """The experiment scripts' shared command line (--workdir, --config, --small, --seeds):
-    parses it and runs the config's grid; (the parsed flags, the run summaries)."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--config", default=str(default_config),
-                        help="a config file with get_config and sweep(add)")
-    parser.add_argument("--small", action="store_true", help="the shrunken quick start (get_config('small'))")
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
-    args = parser.parse_args(argv)
+    """The experiment scripts' shared command line (`parser`): parses it and runs the config's
+    grid; (the parsed flags, the run summaries)."""
+    args = parser(description, default_config).parse_args(argv)
     results = run_grid(args.config, args.workdir, arg="small" if args.small else None,
                        seeds=parse_seeds(args.seeds))
     return args, results

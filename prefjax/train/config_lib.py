@@ -43,6 +43,7 @@ ON_ERROR_MODES = ("error", "skip", "drop")
 KEY_REFERENCE = "configs/README.md"  # where every key is listed (prefjax.train.config_reference)
 DATA_KINDS = {types.PairLogps: "pair", types.UnpairedLogps: "unpaired", types.ListLogps: "ranked",
               types.RewardPair: "pair", types.RatedResponses: "ranked"}
+REWARD_MODEL_INPUTS = (types.RewardPair, types.RatedResponses)
 
 
 class ConfigError(ValueError):
@@ -83,6 +84,17 @@ def trainer_config() -> ConfigDict:
         alpha=16.0,  # adapter scale numerator (scale = alpha / rank, or alpha / sqrt(rank) with rslora)
         targets=("attn/(q|k|v|o)$", "mlp/(gate|up|down)$"),  # regexes over the weights' paths that get adapters
         rslora=False,  # rank-stabilised scaling alpha / sqrt(rank)
+    ))
+    c.reward = ConfigDict(dict(
+        num_labels=1,  # reward-model losses: outputs of the reward head (L > 1: multi-attribute rating regression)
+        # names of the head's outputs (Hugging Face id2label; for rated data, the rating columns, in order);
+        # empty: "reward" for one output, LABEL_0, LABEL_1, ... for several
+        labels=(),
+        normalize=True,  # at the end: mean and std of each output over the training data, stored with the export
+        normalize_batches=32,  # most training batches read for those statistics
+        # the exported reward model's pad id (transformers scores the last token that is not it, so it must
+        # not be an EOS id); None: the tokenizer's pad token
+        pad_token_id=ml_collections.FieldReference(None, field_type=int),
     ))
     c.loss_name = "dpo"  # a registered loss (README's loss table); switching it resets config.loss
     c.loss = ConfigDict()  # the loss's hyperparameters; unset ones take the paper defaults
@@ -438,23 +450,42 @@ def _check_model(config: ConfigDict) -> None:
     if not m.hf_folder and m.preset not in PRESETS:
         _fail(f"model.preset={m.preset!r} is not a preset ({sorted(PRESETS)}); or set model.hf_folder")
     spec = registry.get(config.loss_name)
-    if spec.inputs in (types.RewardPair, types.RatedResponses) and config.lora.enabled:
-        _fail("reward-model losses train a reward head on the full model; set lora.enabled=False")
+    if spec.inputs in REWARD_MODEL_INPUTS:
+        _check_reward(config, spec)
     token_level = "chosen_token_kl" in spec.requires or "chosen_mask" in spec.requires
     layout = _mixing_layout(config)
     if config.data.fill_rows and config.data.share_prefix:
         _fail("data.fill_rows and data.share_prefix cannot both be set: prefix-shared rows are packed from "
               "batches of data.batch_size examples (data.pack with a fixed count)")
-    if config.data.share_prefix and data_kind(config.loss_name) == "unpaired":
+    if config.data.share_prefix and data_kind(config.loss_name, config.reward.num_labels) in ("unpaired", "rated"):
         _fail(f"data.share_prefix needs examples with several responses; loss {config.loss_name!r} reads "
               "single responses")
     if token_level and layout:
         _fail(f"loss {config.loss_name!r} works on per-token arrays, which packed or shared-prefix rows do not "
               f"give; set {layout}=False")
-    if spec.inputs in (types.RewardPair, types.RatedResponses) and layout:
-        _fail(f"reward-model losses read each response's last token: set {layout}=False")
     if "kl_logps" in spec.requires and layout:
         _fail(f"loss {config.loss_name!r} builds mismatched pairs from unpacked rows: set {layout}=False")
+
+
+def _check_reward(config: ConfigDict, spec: Any) -> None:
+    reward = config.reward
+    n = reward.num_labels
+    if not isinstance(n, int) or n < 1:
+        _fail(f"reward.num_labels={n!r} must be a positive integer (the reward head's outputs)")
+    labels = tuple(reward.labels)
+    if labels and len(labels) != n:
+        _fail(f"reward.labels has {len(labels)} name(s) {list(labels)} but reward.num_labels={n}; give one name "
+              "per output")
+    if len(set(labels)) != len(labels):
+        _fail(f"reward.labels {list(labels)} repeats a name; each output needs its own")
+    if n > 1 and config.data.label_noise:
+        _fail(f"data.label_noise={config.data.label_noise} flips preferences; rated data (reward.num_labels={n}) "
+              "has ratings, not preferences: set data.label_noise=0")
+    if spec.inputs is types.RewardPair and n != 1:
+        _fail(f"loss {spec.name!r} compares one reward per response; set reward.num_labels=1 (several outputs "
+              "train with loss_name='rating_regression')")
+    if reward.normalize_batches < 1:
+        _fail(f"reward.normalize_batches={reward.normalize_batches} must be >= 1")
 
 
 def _check_mesh_and_batch(config: ConfigDict, num_devices: int) -> None:
@@ -526,9 +557,22 @@ def _check_packing(config: ConfigDict, num_devices: int) -> None:
                   "would give the processes different batch counts); evaluate in a one-process run")
 
 
-def data_kind(loss_name: str) -> str:
-    """"pair", "unpaired" or "ranked": the example kind a loss trains on."""
-    return DATA_KINDS[registry.get(loss_name).inputs]
+def data_kind(loss_name: str, num_labels: int = 1) -> str:
+    """"pair", "unpaired", "ranked" or "rated": the example kind a loss trains on (rating regression
+    with several outputs, `reward.num_labels` > 1, reads one response with that many ratings)."""
+    inputs = registry.get(loss_name).inputs
+    if inputs is types.RatedResponses and num_labels > 1:
+        return "rated"
+    return DATA_KINDS[inputs]
+
+
+def reward_labels(config: ConfigDict) -> tuple[str, ...]:
+    """The reward head's output names: reward.labels, or the defaults its comment gives."""
+    labels = tuple(config.reward.labels)
+    if labels:
+        return labels
+    n = config.reward.num_labels
+    return ("reward",) if n == 1 else tuple(f"LABEL_{i}" for i in range(n))
 
 
 def loss_hparams(config: ConfigDict) -> tuple[tuple[str, Any], ...]:

@@ -38,7 +38,7 @@ class Evaluator:
 
     def _source(self) -> Any:
         config, setup = self.config, self.setup
-        source = streams.make_stream(config, config.data.eval_source, kind=config_lib.data_kind(config.loss_name),
+        source = streams.make_stream(config, config.data.eval_source, kind=config_lib.data_kind(config.loss_name, config.reward.num_labels),
                                      vocab_size=setup.model_cfg.vocab_size, tokenizer=setup.tokenizer, train=False)
         if self.cache is not None:
             source = reference_cache.attach_to(source, self.cache)

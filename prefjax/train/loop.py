@@ -58,6 +58,7 @@ from prefjax.train import (
     preemption,
     reference_cache,
     resume,
+    reward_stats,
     startup,
     steps,
     workdir_lock,
@@ -201,9 +202,9 @@ def _open(config: ml_collections.ConfigDict, workdir: Path, mesh: Mesh, rules: A
             notes = resume.check_config(old, config, latest, where=str(ckpt.directory))
     if chief:
         resume.archive_config(workdir, config, latest or 0)
-    kind = config_lib.data_kind(config.loss_name)
+    kind = config_lib.data_kind(config.loss_name, config.reward.num_labels)
     model = setup_lib.build_model(config, mesh, rules)
-    cfg, tokenizer = model[0], model[3]
+    cfg, tokenizer = model.cfg, model.tokenizer
     if source is not None and setup_lib.reference_role(config).kind == "precomputed":
         raise config_lib.ConfigError("reference.kind='precomputed' computes its cache from data.source; a run "
                                      "given its own batch source needs a reference that runs in the step")
@@ -218,6 +219,12 @@ def _open(config: ml_collections.ConfigDict, workdir: Path, mesh: Mesh, rules: A
     _check_columns(config, columns)
     setup = setup_lib.build(config, mesh, rules, model=model, columns=columns)
     del model
+    if setup.spec.policy.reward_head:
+        # rated data without reward.labels: the attribute names the data has (e.g. HelpSteer2's five)
+        found = getattr(source, "rating_labels", None) if kind == "rated" and not config.reward.labels else None
+        setup.reward_labels = tuple(found) if found else config_lib.reward_labels(config)
+        if config.checkpoint.export_hf:
+            setup.reward_pad_id = export.reward_pad_id(config, setup, source.pad_id, workdir)
     eval_cache = None
     if setup.spec.reference.kind == "precomputed":
         cache = reference_cache.prepare(config, setup, workdir, mesh, rules, kind=kind)
@@ -486,8 +493,13 @@ def _train_steps(current: Run, reporter: StepReporter) -> dict[str, Any]:
         evals = current.evaluator.evaluate(current.state, total, current.writer)
     current.ckpt.close()
     current.writer.close()
-    exported = export.export_policy(config, setup, current.state, current.workdir) \
-        if config.checkpoint.export_hf else None
+    exported = None
+    if config.checkpoint.export_hf:
+        normalization = None
+        if setup.spec.policy.reward_head and config.reward.normalize:
+            normalization = reward_stats.compute(config, setup, current.state, current.mesh, current.rules)
+        exported = export.export_policy(config, setup, current.state, current.workdir, pad_id=setup.reward_pad_id,
+                                        reward_normalization=normalization)
     return dict(step=total, preempted=False, skipped_steps=reporter.skipped, exported=exported,
                 peak_flops=reporter.peak, peak_flops_source=reporter.peak_source, **compile_stats(),
                 **final, **evals)

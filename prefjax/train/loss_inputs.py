@@ -56,13 +56,15 @@ def build(inputs_cls: type, r: Scores, batch: Batch, columns: Columns) -> Any:
         scores = batch.scores
         return types.ListLogps(logps=r.logps, scores=_finite_or_zero(scores), ref_logps=r.ref_logps,
                                lengths=r.lengths, mask=jnp.isfinite(scores), weight=weight)
-    if inputs_cls is types.RewardPair:
-        return types.RewardPair(chosen=r.rewards[:, 0], rejected=r.rewards[:, 1],
+    if inputs_cls is types.RewardPair:  # one output (config_lib checks reward.num_labels == 1)
+        return types.RewardPair(chosen=r.rewards[:, 0, 0], rejected=r.rewards[:, 1, 0],
                                 margin=_finite_or_zero(batch.margin) if columns.margin else None,
                                 weight=weight)
     if inputs_cls is types.RatedResponses:
         scores = batch.scores
-        return types.RatedResponses(predicted=r.rewards, target=_finite_or_zero(scores),
+        # one output: K ranked responses, scores [B, K]; L outputs: one rated response, scores [B, L]
+        predicted = r.rewards[..., 0] if r.rewards.shape[-1] == 1 else r.rewards[:, 0, :]
+        return types.RatedResponses(predicted=predicted, target=_finite_or_zero(scores),
                                     mask=jnp.isfinite(scores), weight=weight)
     raise TypeError(f"no batch layout for loss inputs {inputs_cls.__name__}")
 

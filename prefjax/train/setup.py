@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +21,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from prefjax import models, roles, scoring
-from prefjax.losses import registry, types
-from prefjax.models import hf_checkpoint, hub
+from prefjax.losses import registry
+from prefjax.models import hf_checkpoint, hf_layout, hub
 from prefjax.models import lora as lora_lib
 from prefjax.models.config import ModelConfig
 from prefjax.models.tokenizer import Tokenizer, check_fits_model, load_tokenizer
@@ -32,7 +32,18 @@ from prefjax.train.steps import StepSpec
 
 log = logging.getLogger(__name__)
 
-REWARD_MODEL_INPUTS = (types.RewardPair, types.RatedResponses)
+REWARD_MODEL_INPUTS = config_lib.REWARD_MODEL_INPUTS
+
+
+class BuiltModel(NamedTuple):
+    """A run's model before its roles: config, structure, sharded params, tokenizer, and the
+    reward head [D, L] when model.hf_folder is a reward model (*ForSequenceClassification)."""
+
+    cfg: ModelConfig
+    graphdef: Any
+    params: Any
+    tokenizer: Optional[Tokenizer]
+    reward_head: Optional[Any] = None
 
 
 @dataclasses.dataclass
@@ -50,6 +61,8 @@ class Setup:
     fixed_shardings: roles.Fixed
     replicated: NamedSharding
     initial_params: Any  # the policy's starting model params (the LoRA base): the precomputed reference's
+    reward_labels: tuple[str, ...] = ()  # a reward model's output names (the loop sets them from config and data)
+    reward_pad_id: int = 0  # the pad id its export records (prefjax.train.export.reward_pad_id)
 
     @property
     def model_cfg(self) -> ModelConfig:
@@ -62,22 +75,52 @@ def _model_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
                 attention_block_size=m.attention_block_size or None)
 
 
-def build_model(config: ml_collections.ConfigDict, mesh: Mesh, rules: Any,
-                ) -> tuple[ModelConfig, Any, Any, Optional[Tokenizer]]:
-    """(model config, graphdef, sharded params, tokenizer) from a preset or a Hugging Face folder
-    (model.hf_folder / data.tokenizer: a local folder or a Hub id, prefjax.models.hub)."""
+def build_model(config: ml_collections.ConfigDict, mesh: Mesh, rules: Any) -> BuiltModel:
+    """The model from a preset or a Hugging Face folder (model.hf_folder / data.tokenizer: a local
+    folder or a Hub id, prefjax.models.hub); a reward-model folder brings its head along."""
     m = config.model
     if m.hf_folder:
         folder = hub.local_folder(m.hf_folder, key="model.hf_folder")
+        if hf_checkpoint.is_reward_model_folder(folder):
+            return _reward_model(config, folder, mesh, rules)
         ckpt = hf_checkpoint.load(folder, mesh=mesh, rules=rules, **_model_overrides(config))
-        return ckpt.cfg, ckpt.graphdef, ckpt.params, ckpt.tokenizer
+        return BuiltModel(ckpt.cfg, ckpt.graphdef, ckpt.params, ckpt.tokenizer)
     cfg = models.get_preset(m.preset, **_model_overrides(config))
     graphdef, params = models.init_params(cfg, seed=config.seed, mesh=mesh, rules=rules)
     tokenizer = None
     if config.data.tokenizer:
         tokenizer = load_tokenizer(hub.local_folder(config.data.tokenizer, key="data.tokenizer", weights=False))
         check_fits_model(tokenizer, cfg.vocab_size)
-    return cfg, graphdef, params, tokenizer
+    return BuiltModel(cfg, graphdef, params, tokenizer)
+
+
+def _reward_model(config: ml_collections.ConfigDict, folder: str, mesh: Mesh, rules: Any) -> BuiltModel:
+    """An imported reward model: trained further by a reward-model loss with its own head."""
+    if registry.get(config.loss_name).inputs not in REWARD_MODEL_INPUTS:
+        raise config_lib.ConfigError(
+            f"model.hf_folder={config.model.hf_folder!r} is a reward model (*ForSequenceClassification), which "
+            f"loss {config.loss_name!r} cannot tune: start from a causal LM, or use loss_name='bradley_terry' or "
+            "'rating_regression'")
+    ckpt = hf_checkpoint.load_reward_model(folder, mesh=mesh, rules=rules, **_model_overrides(config))
+    labels = config_lib.reward_labels(config)
+    if ckpt.head.shape[1] != config.reward.num_labels or (tuple(config.reward.labels) and
+                                                          tuple(ckpt.labels) != labels):
+        raise config_lib.ConfigError(
+            f"model.hf_folder={config.model.hf_folder!r} has a reward head with {ckpt.head.shape[1]} output(s) "
+            f"{list(ckpt.labels)}, but reward.num_labels={config.reward.num_labels} and reward.labels="
+            f"{list(config.reward.labels)}; set them to match the checkpoint")
+    return BuiltModel(ckpt.cfg, ckpt.graphdef, ckpt.params, ckpt.tokenizer, ckpt.head)
+
+
+def _without_lm_head(cfg: ModelConfig, graphdef: Any, params: Any) -> tuple[ModelConfig, Any, Any]:
+    """A reward model's decoder: its head reads hidden states, never the LM head, so an untied
+    model's lm_head ([D, V], often the largest matrix) gets no gradient, optimizer state or
+    checkpoint space (prefjax.models.hf_layout.reward_model_config)."""
+    decoder = hf_layout.reward_model_config(cfg)
+    if decoder == cfg:
+        return cfg, graphdef, params
+    graphdef, _, _ = models.abstract(decoder)
+    return decoder, graphdef, {k: v for k, v in params.items() if k != "lm_head"}
 
 
 def tiling(config: ml_collections.ConfigDict) -> scoring.Tiling:
@@ -95,7 +138,8 @@ def lora_config(config: ml_collections.ConfigDict) -> Optional[lora_lib.LoraConf
 
 def policy_role(config: ml_collections.ConfigDict) -> roles.Policy:
     return roles.Policy(lora=lora_config(config),
-                        reward_head=registry.get(config.loss_name).inputs in REWARD_MODEL_INPUTS)
+                        reward_head=registry.get(config.loss_name).inputs in REWARD_MODEL_INPUTS,
+                        reward_labels=config.reward.num_labels)
 
 
 def reference_role(config: ml_collections.ConfigDict) -> roles.Reference:
@@ -112,10 +156,18 @@ def step_spec(config: ml_collections.ConfigDict, columns: loss_inputs.Columns) -
 
 
 def build(config: ml_collections.ConfigDict, mesh: Mesh, rules: Any, *, columns: loss_inputs.Columns,
-          model: Optional[tuple] = None, create_state: bool = True) -> Setup:
+          model: Optional[BuiltModel] = None, create_state: bool = True) -> Setup:
     """The run's pieces; `model` is build_model's result when the caller already has it;
     `create_state=False` leaves `state` None (a restore will provide it)."""
-    cfg, graphdef, params, tokenizer = build_model(config, mesh, rules) if model is None else model
+    built = build_model(config, mesh, rules) if model is None else model
+    cfg, graphdef, params, tokenizer = built.cfg, built.graphdef, built.params, built.tokenizer
+    if policy_role(config).reward_head:
+        if tokenizer is not None and tokenizer.eos_token_id is None:
+            raise config_lib.ConfigError(
+                f"the tokenizer of {config.model.hf_folder or config.data.tokenizer!r} has no EOS token: a reward "
+                "model reads each response's reward at its final EOS (or end-of-turn) token, so responses must end "
+                "with one; use a tokenizer that defines eos_token")
+        cfg, graphdef, params = _without_lm_head(cfg, graphdef, params)
     too_long = config_lib.check_length_against_model(config, cfg)
     if too_long:
         log.warning(too_long)
@@ -127,7 +179,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, rules: Any, *, columns:
 
     trainable, trainable_shardings = spec.policy.init_trainable(
         params, param_shardings, key=jax.random.key(config.seed + 1), mesh=mesh, axes=axes, rules=rules,
-        hidden_size=cfg.hidden_size)
+        hidden_size=cfg.hidden_size, reward_head=built.reward_head)
     base, base_shardings = spec.policy.fixed(params, param_shardings)
     reference, reference_shardings = spec.reference.fixed(params, param_shardings)
     fixed = roles.Fixed(base=base, reference=reference)

@@ -84,7 +84,8 @@ def sample_lengths(pipe: pipeline_lib.Pipeline, limit: int = SAMPLE_EXAMPLES) ->
 
 def _data(config: ml_collections.ConfigDict, source: Any, first: Optional[Batch]) -> dict[str, Any]:
     data = config.data
-    report: dict[str, Any] = dict(source=data.source, split=data.split, kind=config_lib.data_kind(config.loss_name),
+    kind = config_lib.data_kind(config.loss_name, config.reward.num_labels)
+    report: dict[str, Any] = dict(source=data.source, split=data.split, kind=kind,
                                   format=data.format, batch_size=data.batch_size, max_len=data.max_len,
                                   grad_accum=config.grad_accum, eval_source=data.eval_source,
                                   eval_split=data.eval_split)
@@ -128,7 +129,9 @@ def collect(config: ml_collections.ConfigDict, *, workdir: Path, mesh: Mesh, set
         devices=dict(count=jax.device_count(), processes=jax.process_count(), platform=device.platform,
                      kind=str(device.device_kind), mesh={str(k): int(v) for k, v in mesh.shape.items()}),
         loss=dict(name=config.loss_name, hparams={k: list(v) if isinstance(v, tuple) else v
-                                                  for k, v in config_lib.loss_hparams(config)}),
+                                                  for k, v in config_lib.loss_hparams(config)},
+                  reward_head=list(setup.reward_labels or config_lib.reward_labels(config))
+                  if setup.spec.policy.reward_head else None),
         reference=dict(kind=setup.spec.reference.kind, dtype=config.reference.dtype or config.model.param_dtype,
                        refresh=config.reference.refresh),
         optimizer=dict(name=config.optimizer.name, learning_rate=config.optimizer.learning_rate,
@@ -210,7 +213,9 @@ def render(report: dict[str, Any]) -> str:
          f"{_si(model['trainable'])} trainable ({share:.1f}%{', LoRA' if model['lora'] else ''}), "
          f"{model['param_dtype']}"),
         f"  loss: {loss['name']} {hparams}".rstrip() + f"; reference {ref['kind']}"
-        + (f" ({ref['dtype']}, refresh {ref['refresh']})" if ref["kind"] != "none" else ""),
+        + (f" ({ref['dtype']}, refresh {ref['refresh']})" if ref["kind"] != "none" else "")
+        + (f"; reward head {len(loss['reward_head'])} output(s) {loss['reward_head']}" if loss.get("reward_head")
+           else ""),
         f"  optimizer: {opt['name']} lr {opt['learning_rate']:g}, {opt['schedule']}, warmup {opt['warmup_steps']}",
     ]
     lines += ["  " + line if i == 0 else line for i, line in enumerate(_data_lines(report["data"]))]

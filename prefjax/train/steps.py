@@ -75,11 +75,10 @@ def responses(spec: StepSpec, model: scoring.Model, params: Any, ref_params: Any
               reward_head: Optional[Array] = None) -> scoring.Scores:
     """The policy's scores of one micro-batch, with the reference's log-probs (and KTO's
     mismatched pairs) where the loss reads them."""
-    what = ["logps"]
+    # a reward model reads only its head: no log-probs, so no unembedding in the step
+    what = ["rewards"] if spec.policy.reward_head else ["logps"]
     if spec.token_level:
         what.append("token_kl")
-    if spec.policy.reward_head:
-        what.append("rewards")
     scores = scoring.score(model, params, mb, what=what, reference=ref_params if spec.token_level else None,
                            reward_head=reward_head)
     if scores.ref_logps is None:

@@ -18,8 +18,8 @@ from prefjax.data.readers import read_examples
 from prefjax.data.records import DataError, LoadSummary, Location
 from prefjax.models.tokenizer import load_tokenizer
 from prefjax.train import config_lib
-from tests.train.test_loop import FIXTURES, _config
 from tests.data.fixture_helpers import bot, system, user
+from tests.train.test_loop import FIXTURES, _config
 
 QWEN = FIXTURES / "hf" / "qwen2"
 NAN = math.nan
@@ -234,7 +234,7 @@ def test_check_format_did_you_mean():
         check_format("sharegtp")
     assert str(err.value) == ("unknown row format 'sharegtp' (did you mean sharegpt?); known formats: "
                               "auto, trl_pair, trl_unpaired, ranked, sharegpt, messages, alpaca, hh_rlhf, "
-                              "ultrafeedback_binarized, ultrafeedback")
+                              "ultrafeedback_binarized, ultrafeedback, rated, helpsteer2")
     with pytest.raises(ValueError, match=r"^unknown row format 'parquet'; known formats: auto, "):
         check_format("parquet")
     with pytest.raises(ValueError, match="did you mean ultrafeedback_binarized"):

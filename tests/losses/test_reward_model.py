@@ -92,6 +92,9 @@ def test_bradley_terry_metrics():
     r_w, r_l = as64(rp.chosen), as64(rp.rejected)
     np.testing.assert_allclose(out.metrics["rewards/margins"], r_w - r_l, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(out.metrics["rewards/accuracies"], (r_w > r_l).astype(np.float32))
+    p_chosen = 1.0 / (1.0 + np.exp(-(r_w - r_l)))  # calibration: Bradley-Terry's P(chosen wins)
+    np.testing.assert_allclose(out.metrics["rewards/chosen_probability"], p_chosen, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out.metrics["rewards/brier"], (1.0 - p_chosen) ** 2, rtol=1e-4, atol=1e-6)
 
 
 def test_zero_margin_and_missing_margin_equal_plain_bt():

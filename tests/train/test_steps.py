@@ -36,7 +36,7 @@ def _schedule(step):
 def _state(spec, params):
     trainable = {"model": params}
     if spec.policy.reward_head:
-        trainable["reward_head"] = jnp.zeros((CFG.hidden_size,), jnp.float32)
+        trainable["reward_head"] = jnp.zeros((CFG.hidden_size, 1), jnp.float32)
     loss = spec.loss
     loss_state = loss.init_state(**spec.hparams) if loss.stateful else {}
     ref = jax.tree.map(jnp.copy, params) if spec.reference.moves else None

@@ -21,6 +21,7 @@ FEATURE_KEYS = {
              "source"),
     "unpaired": ("format", "prompt", "completion", "label", "weight", "source"),
     "ranked": ("format", "prompt", "responses", "scores", "weight", "source"),
+    "rated": ("format", "prompt", "response", "ratings", "weight", "source"),
 }
 
 

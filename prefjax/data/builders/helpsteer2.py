@@ -25,7 +25,6 @@ import dataclasses
 import itertools
 import math
 import numbers
-import re
 from typing import Any, Iterator
 
 import tensorflow_datasets as tfds
@@ -33,21 +32,14 @@ import tensorflow_datasets as tfds
 from prefjax.data import readers
 from prefjax.data.builders import manual
 from prefjax.data.builders.base import PreferenceBuilder
-from prefjax.data.records import (BAD_SCORE, MISSING, WRONG_TYPE, DataError, Location, LoadSummary,
-                                  parse_row)
+from prefjax.data.formats import HELPSTEER2_ATTRIBUTES, parse_helpsteer2_prompt
+from prefjax.data.records import BAD_SCORE, MISSING, WRONG_TYPE, DataError, LoadSummary, Location, parse_row
 
 BASE_URL = "https://huggingface.co/datasets/nvidia/HelpSteer2/resolve/main"
 FILES = {"train": ["train.jsonl.gz"], "validation": ["validation.jsonl.gz"]}
-ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
-_TURN = re.compile(r"\n?<extra_id_1>(User|Assistant)\n?")
-_ROLES = {"User": "user", "Assistant": "assistant"}
-
-
-def parse_prompt(text: str) -> list[dict[str, str]]:
-    """HelpSteer2 prompt text -> messages (first turn is the user's)."""
-    parts = _TURN.split(text)
-    roles = ["user"] + [_ROLES[role] for role in parts[1::2]]
-    return [{"role": role, "content": content.strip()} for role, content in zip(roles, parts[0::2])]
+# The attributes and the prompt splitting are the helpsteer2 row format's (prefjax.data.formats).
+ATTRIBUTES = HELPSTEER2_ATTRIBUTES
+parse_prompt = parse_helpsteer2_prompt
 
 
 @dataclasses.dataclass
