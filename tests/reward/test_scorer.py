@@ -298,3 +298,15 @@ def test_load_refuses_a_causal_lm_folder_and_a_missing_folder(tmp_path):
         reward.load(str(tiny_models.FIXTURE))
     with pytest.raises(ValueError, match="no such folder"):
         reward.load(str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2", "qwen2_multi"])
+def test_the_public_api_reproduces_transformers_scores_on_the_committed_fixtures(name):
+    """prefjax.reward.load + score_ids on transformers' own rows (unpadded, right- and left-padded):
+    the product path, not only the model, matches *ForSequenceClassification's float32 scores."""
+    folder = Path(__file__).resolve().parents[1] / "fixtures" / "hf_reward" / name
+    expected = np.load(folder / "expected.npz")
+    rm = reward.load(str(folder))
+    got = reward.score_ids(rm, expected["input_ids"], expected["attention_mask"])
+    assert got.shape == expected["logits"].shape
+    np.testing.assert_allclose(got, expected["logits"], atol=1e-4, rtol=0)
