@@ -24,6 +24,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -188,3 +189,11 @@ def tree_shardings(mesh: Mesh, abstract_tree: Any, logical_axes_tree: Any,
     # The axes tree leads: its tuple leaves would otherwise be read as subtrees.
     return jax.tree.map(one, logical_axes_tree, abstract_tree,
                         is_leaf=lambda x: isinstance(x, tuple) or x is None)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole global array `x` as numpy on every process: gathered across processes when this
+    process holds only some of its shards (collective then: every process must call it)."""
+    if jax.process_count() > 1 and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))

@@ -279,10 +279,7 @@ def to_config_json(cfg: ModelConfig, dtype: Optional[str], copy_from: Optional[s
     return hf_config.to_hf_config(cfg, torch_dtype=dtype or cfg.param_dtype, **{**carried, **(extra_config or {})})
 
 def _to_hf(leaf: jax.Array, m: hf_layout.TensorMapping, dtype: np.dtype) -> np.ndarray:
-    if jax.process_count() > 1 and not leaf.is_fully_addressable:
-        host = np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
-    else:
-        host = np.asarray(jax.device_get(leaf))
+    host = sharding.to_host(leaf)
     return np.ascontiguousarray(m.to_hf(host)).astype(dtype, copy=False)
 
 def _split_into_files(entries: list[safetensors_format.TensorToWrite], max_bytes: int,

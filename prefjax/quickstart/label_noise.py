@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from prefjax.quickstart import grid, report
+from prefjax.quickstart import grid, plots, report
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "quickstart_label_noise.py"
 
@@ -66,10 +66,7 @@ def plot(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    return path
+    return plots.save(fig, path)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -26,7 +26,8 @@ TUNE_PANELS = (("loss", "preference loss"), ("rewards/accuracies", "train reward
                ("rewards/margins", "implicit reward margin"))
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
+def save(fig: Figure, path: str | Path) -> Path:
+    """Writes `fig` as a PNG at `path` (parent folders created) the way every quick-start plot is written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -48,7 +49,7 @@ def training_curves(sft_history: Sequence[Mapping[str, float]], tune_records: Se
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def reward_vs_kl(points: Sequence[Mapping[str, Any]], best_of_n: Sequence[Mapping[str, float]],
@@ -84,4 +85,4 @@ def reward_vs_kl(points: Sequence[Mapping[str, Any]], best_of_n: Sequence[Mappin
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    return _save(fig, path)
+    return save(fig, path)

@@ -54,7 +54,7 @@ from absl import logging as absl_logging
 from matplotlib.figure import Figure
 
 from prefjax import reward
-from prefjax.quickstart import evaluate, grid, pipeline, report, rollouts, sft, west_of_n
+from prefjax.quickstart import evaluate, grid, pipeline, plots, report, rollouts, sft, west_of_n
 
 Echo = Callable[[str], None]
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "quickstart_reward_model.py"
@@ -357,10 +357,7 @@ def plot(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    return path
+    return plots.save(fig, path)
 
 
 def write_outputs(results: Sequence[dict[str, Any]], workdir: str | Path) -> dict[str, Path]:

@@ -21,21 +21,14 @@ from typing import Any, Optional
 import jax
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from prefjax import scoring
+from prefjax import scoring, sharding
 from prefjax.data import streams
 from prefjax.train import config_lib
 from prefjax.train.state import TrainState
 
 log = logging.getLogger(__name__)
-
-
-def _to_host(x: jax.Array) -> np.ndarray:
-    if jax.process_count() > 1 and not x.is_fully_addressable:
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
 
 
 def compute(config: ml_collections.ConfigDict, setup: Any, state: TrainState, mesh: Mesh,
@@ -59,7 +52,7 @@ def compute(config: ml_collections.ConfigDict, setup: Any, state: TrainState, me
                 break
             batch = local.to_global(mesh, rules, source.pad_id)
             values, lengths = rewards(state.params, fixed, batch)
-            values, lengths, weight = _to_host(values), _to_host(lengths), _to_host(batch.weight)
+            values, lengths, weight = (sharding.to_host(x) for x in (values, lengths, batch.weight))
             real = (lengths > 0) & (weight[:, None] > 0)  # [B, K]
             collected.append(values[real])  # [n, L]
     finally:
