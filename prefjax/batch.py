@@ -8,7 +8,10 @@ cache, the quick start's scorer, tests and benchmarks) passes a `Batch`:
                   branches (layout "shared_prefix" only: 0 on the prefix, k + 1 on response k)
     columns [B]:  weight (0 = filler), scores [B, K] (rated batches, K = 1: [B, L], the
                   response's L attribute ratings, NaN = not rated), margin, label,
-                  ref_logps [B, K] (only when a precomputed reference is attached)
+                  ref_logps [B, K] (only when a precomputed reference is attached);
+                  online batches (prefjax.online) also carry sampler_logps [B, K] (log-prob of
+                  each sample under the policy that drew it: the previous iterate) and
+                  origin [B, K] (ORIGIN_*: who drew it)
 
 Its static part, `num_responses` (K) and `layout`, travels as pytree metadata, so a
 jitted function reads them at trace time and a change recompiles. Layouts:
@@ -40,7 +43,9 @@ from prefjax import sharding as sharding_lib
 Array = Any  # numpy or jax arrays
 LAYOUTS = ("unpacked", "packed", "shared_prefix")
 ROW_FIELDS = ("tokens", "positions", "segments", "loss_mask", "example_id", "response_id", "branches")
-COLUMN_FIELDS = ("weight", "scores", "margin", "label", "ref_logps")
+COLUMN_FIELDS = ("weight", "scores", "margin", "label", "ref_logps", "sampler_logps", "origin")
+# Batch.origin values: who produced each response of an online batch.
+ORIGIN_DATA, ORIGIN_POLICY, ORIGIN_REFERENCE, ORIGIN_MIXTURE = -1.0, 0.0, 1.0, 2.0
 # What each row field holds on padding (also its value where nothing is written), and its dtype.
 _ROW_FILL = {"positions": 0, "segments": 0, "loss_mask": 0.0, "example_id": -1, "response_id": -1, "branches": 0}
 _ROW_DTYPES = {"tokens": np.int32, "loss_mask": np.float32}
@@ -70,6 +75,8 @@ class Batch:
     label: Array
     branches: Optional[Array] = None
     ref_logps: Optional[Array] = None
+    sampler_logps: Optional[Array] = None
+    origin: Optional[Array] = None
     num_responses: int = 2
     layout: str = "unpacked"
 
@@ -240,29 +247,47 @@ class Batch:
         The response tokens (an EOS included where the caller appended one) are scored; a
         row longer than `length` is an error naming it.
         """
+        return cls.from_responses(prompts, [[r] for r in responses], length, pad_id)
+
+    @classmethod
+    def from_responses(cls, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[Sequence[int]]],
+                       length: int, pad_id: int) -> "Batch":
+        """Unpacked rows for B prompts with K responses each (`responses[b][k]`): row k * B + b is
+        prompt b + its response k, right-padded to `length` (weight 1, label 1, no scores).
+
+        The response tokens are scored; a row longer than `length` is an error naming it.
+        """
         b = len(prompts)
-        tokens = np.full((b, length), pad_id, np.int32)
-        loss_mask = np.zeros((b, length), np.float32)
-        segments = np.zeros((b, length), np.int32)
-        for i, (p, r) in enumerate(zip(prompts, responses)):
-            n = len(p) + len(r)
-            if n > length:
-                raise ValueError(f"row {i}: prompt ({len(p)}) + response ({len(r)}) tokens exceed the row "
-                                 f"length {length}")
-            tokens[i, :n] = list(p) + list(r)
-            loss_mask[i, len(p):n] = 1.0
-            segments[i, :n] = 1
+        k = len(responses[0]) if b else 1
+        if any(len(r) != k for r in responses):
+            raise ValueError(f"Batch.from_responses: every prompt needs the same number of responses ({k})")
+        tokens = np.full((k * b, length), pad_id, np.int32)
+        loss_mask = np.zeros((k * b, length), np.float32)
+        segments = np.zeros((k * b, length), np.int32)
+        for j in range(k):
+            for i, (p, rs) in enumerate(zip(prompts, responses)):
+                r, row = rs[j], j * b + i
+                n = len(p) + len(r)
+                if n > length:
+                    raise ValueError(f"example {i}, response {j}: prompt ({len(p)}) + response ({len(r)}) tokens "
+                                     f"exceed the row length {length}")
+                tokens[row, :n] = list(p) + list(r)
+                loss_mask[row, len(p):n] = 1.0
+                segments[row, :n] = 1
         live = segments > 0
-        return cls(tokens=tokens, positions=np.broadcast_to(np.arange(length, dtype=np.int32), (b, length)).copy(),
+        example = np.tile(np.arange(b, dtype=np.int32), k)[:, None]
+        response = np.repeat(np.arange(k, dtype=np.int32), b)[:, None]
+        return cls(tokens=tokens,
+                   positions=np.broadcast_to(np.arange(length, dtype=np.int32), (k * b, length)).copy(),
                    segments=segments, loss_mask=loss_mask,
-                   example_id=np.where(live, np.arange(b, dtype=np.int32)[:, None], -1).astype(np.int32),
-                   response_id=np.where(live, 0, -1).astype(np.int32), weight=np.ones(b, np.float32),
-                   scores=np.full((b, 1), np.nan, np.float32), margin=np.full(b, np.nan, np.float32),
-                   label=np.ones(b, np.float32), num_responses=1)
+                   example_id=np.where(live, example, -1).astype(np.int32),
+                   response_id=np.where(live, response, -1).astype(np.int32), weight=np.ones(b, np.float32),
+                   scores=np.full((b, k), np.nan, np.float32), margin=np.full(b, np.nan, np.float32),
+                   label=np.ones(b, np.float32), num_responses=k)
 
 
 jax.tree_util.register_dataclass(
-    Batch, data_fields=list(ROW_FIELDS[:-1] + COLUMN_FIELDS[:-1] + ("branches", "ref_logps")),
+    Batch, data_fields=list(ROW_FIELDS[:-1] + COLUMN_FIELDS[:4] + ("branches", "ref_logps", "sampler_logps", "origin")),
     meta_fields=["num_responses", "layout"])
 
 

@@ -4,8 +4,10 @@ A config with job="train" runs the sharded preference trainer (`prefjax.train`;
 e.g. configs/tiny_dpo.py); rerunning the same command in the same workdir resumes.
 Multi-host runs initialise jax.distributed from config.distributed (coordinator
 address, process count and id) or, on TPU pods and SLURM, from the environment.
-The quick-start config (job="quickstart") runs the synthetic LM pipeline
-(`prefjax.quickstart.pipeline`); any other job is an error naming these two.
+A config with job="online" runs the same trainer on batches it samples from the live
+policy (`prefjax.online`; e.g. configs/online_dpo.py). The quick-start config
+(job="quickstart") runs the synthetic LM pipeline (`prefjax.quickstart.pipeline`); any
+other job is an error naming these three.
 Override any config key on the command line, e.g.
 
     python -m prefjax.main --config=configs/tiny_dpo.py --workdir=/tmp/t \\
@@ -40,7 +42,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-JOBS = ("train", "quickstart")
+JOBS = ("train", "online", "quickstart")
 # The quick start's schema: the keys its job reads are those this file sets.
 QUICKSTART_CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "quickstart.py"
 
@@ -124,7 +126,7 @@ def _unknown_keys_message(argv: Sequence[str]) -> Optional[str]:
     if not bad:
         return None
     # configs/README.md lists the trainer's keys only; another job's keys are those its file sets
-    schema_name = "" if config.get("job") == "train" else argument.partition(":")[0]
+    schema_name = "" if config.get("job") in ("train", "online") else argument.partition(":")[0]
     return config_lib.unknown_keys_message(bad, valid, "command line", schema_name)
 
 
@@ -196,16 +198,17 @@ def _run(config: ml_collections.ConfigDict, source: str) -> None:
     if job not in JOBS:
         raise config_lib.ConfigError(f"{source}: field job={job!r}; set config.job to one of {list(JOBS)} "
                                      "(prefjax.train.config_lib.trainer_config() starts a training config)")
-    if job == "train":
+    trainer = job in ("train", "online")
+    if trainer:
         config_lib.check_keys(config, source=source)
     else:
         _check_quickstart_keys(config, source)
     command_line = _command_line or overrides.CommandLine(argv=[])
     notes = overrides.apply(config, command_line, overridden=config_flags.get_override_values(flags.FLAGS["config"]),
-                            nullable=config_lib.nullable_keys() if job == "train" else None)
+                            nullable=config_lib.nullable_keys() if trainer else None)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    if job == "train":
+    if trainer:
         config_lib.check_data_files(config)  # before the model is built: a typo in a path fails fast
         if not flags.FLAGS["verbosity"].present:
             # orbax logs every file it renames at INFO; the trainer's own progress line suffices.
@@ -215,6 +218,11 @@ def _run(config: ml_collections.ConfigDict, source: str) -> None:
             # "W1207 11:55:50.028161 1404... file.py:501]" prefix is for debugging (--verbose).
             absl_logging.get_absl_handler().setFormatter(logging.Formatter("%(message)s"))
         _init_distributed(config)
+        if job == "online":
+            from prefjax.online import job as online_job  # pylint: disable=import-outside-toplevel
+
+            online_job.run(config, _WORKDIR.value)
+            return
         from prefjax import train  # pylint: disable=import-outside-toplevel
 
         train.run(config, _WORKDIR.value)

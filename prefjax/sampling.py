@@ -18,8 +18,22 @@ gradient or preference loss wants. `sample_logps_BxN` is its log-prob under
 the distribution actually sampled from (after temperature, top-k and top-p;
 0 for greedy decoding). Both are 0 at positions after a row has stopped.
 
+Mixture sampling (Nash-MD, Munos et al. 2023): with `mixture_params` (a second
+set of weights for the same graphdef and cfg, e.g. the reference or a LoRA
+policy's base) both models prefill their own KV caches and decode in lockstep,
+each fed the same sampled token, and every token is drawn from the normalised
+geometric mixture at coefficient c = `mixture_coef`
+
+    log p_mix(. | ctx) = log_softmax((1 - c) * log_softmax(policy logits)
+                                     + c * log_softmax(partner logits))
+
+(the paper's pi^(1-beta) * pi_ref^beta, token by token). Temperature, top-k and
+top-p then apply to the mixture's logits; `logps_BxN` is the mixture's own
+(untempered) log-prob and `policy_logps_BxN` the first model's. The cost is one
+more KV cache and one more forward per token; the weights are not copied.
+
 Everything runs inside one `jax.jit` (the model, the sampling settings and the
-number of new tokens are static); it runs sharded under
+number of new tokens are static; the mixture coefficient is traced); it runs sharded under
 `with sharding.use_mesh(mesh):` with the batch sharded over ("data", "fsdp").
 The decode loop is a `jax.lax.while_loop` that also ends early once every row
 has emitted a stop token.
@@ -55,6 +69,11 @@ class SampleOutput(NamedTuple):
       lengths_B: int32 number of tokens generated up to and including the first
         stop token (N when no stop token was emitted).
       done_B: bool, whether the row emitted a stop token.
+      policy_logps_BxN: with a mixture, float32 log-prob of each token under the
+        first model (`params`) alone, untempered; 0 after stopping. None without.
+
+    With a mixture, `logps_BxN` is the mixture distribution's log-prob (see
+    `mixture_logits`) and `sample_logps_BxN` the tempered, filtered mixture's.
     """
 
     tokens_BxN: Array
@@ -62,6 +81,7 @@ class SampleOutput(NamedTuple):
     sample_logps_BxN: Array
     lengths_B: Array
     done_B: Array
+    policy_logps_BxN: Optional[Array] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +167,28 @@ def sample_tokens(logits_BxV: Array, rng: Array, settings: SamplingSettings) -> 
     return choice, logp
 
 
+def mixture_logits(policy_logits_BxV: Array, partner_logits_BxV: Array, coef: Array | float) -> Array:
+    """Logits of the normalised geometric mixture p^(1 - coef) * q^coef (float32, unnormalised).
+
+    Equal, up to a per-row constant, to (1 - c) * log_softmax(p) + c * log_softmax(q).
+    It is written as the nearer end's own logits plus c (or 1 - c) times the
+    difference of the log-softmaxes, so that c = 0 gives the policy's logits and
+    c = 1 the partner's bit for bit: sampling from them then equals sampling
+    from that model alone with the same key. coef may be traced.
+    """
+    policy = policy_logits_BxV.astype(jnp.float32)
+    partner = partner_logits_BxV.astype(jnp.float32)
+    delta = jax.nn.log_softmax(partner, axis=-1) - jax.nn.log_softmax(policy, axis=-1)
+    coef = jnp.asarray(coef, jnp.float32)
+    return jnp.where(coef <= 0.5, policy + coef * delta, partner - (1.0 - coef) * delta)
+
+
+def _token_logp(logits_BxV: Array, tokens_B: Array) -> Array:
+    """Each row's token's log-prob under softmax(logits) (float32)."""
+    return jnp.take_along_axis(jax.nn.log_softmax(logits_BxV.astype(jnp.float32), axis=-1),
+                               tokens_B[:, None], axis=-1)[:, 0]
+
+
 @dataclasses.dataclass(frozen=True)
 class _Static:
     max_new_tokens: int
@@ -165,6 +207,10 @@ class _LoopState(NamedTuple):
     sample_logps_BxN: Array
     lengths_B: Array
     done_B: Array
+    # With a mixture only (None otherwise): the partner's logits and cache, the policy's log-probs.
+    partner_logits_BxV: Optional[Array] = None
+    partner_cache: Optional[models.Cache] = None
+    policy_logps_BxN: Optional[Array] = None
 
 
 def _constrain_cache(cache: models.Cache) -> models.Cache:
@@ -199,16 +245,20 @@ def _decode_one(model: models.Transformer, tokens_B: Array, positions_B: Array, 
     return model.logits(hidden)[:, 0], _constrain_cache(cache)
 
 
-def _emit(state: _LoopState, rng: Array, static: _Static) -> tuple[_LoopState, Array]:
+def _emit(state: _LoopState, rng: Array, static: _Static,
+          mixture_coef: Optional[Array] = None) -> tuple[_LoopState, Array]:
     """Samples token `state.step` for every row and records it; returns the new state and the token to feed.
 
     Rows that have stopped record pad_id, but the model is fed the sampled token
     (always a valid id, whatever pad_id is); their later outputs are discarded.
+    With a partner (state.partner_logits_BxV) the token is drawn from the mixture.
     """
     step_rng = jax.random.fold_in(rng, state.step)
-    sampled, sample_logp = sample_tokens(state.logits_BxV, step_rng, static.sampling)
-    model_logp = jnp.take_along_axis(jax.nn.log_softmax(state.logits_BxV.astype(jnp.float32), axis=-1),
-                                     sampled[:, None], axis=-1)[:, 0]
+    logits = state.logits_BxV
+    if state.partner_logits_BxV is not None:
+        logits = mixture_logits(state.logits_BxV, state.partner_logits_BxV, mixture_coef)
+    sampled, sample_logp = sample_tokens(logits, step_rng, static.sampling)
+    model_logp = _token_logp(logits, sampled)
     active = ~state.done_B
     token = jnp.where(active, sampled, jnp.int32(static.pad_id))
     done = state.done_B
@@ -227,19 +277,29 @@ def _emit(state: _LoopState, rng: Array, static: _Static) -> tuple[_LoopState, A
         lengths_B=state.lengths_B + active.astype(jnp.int32),
         done_B=done,
     )
+    if state.policy_logps_BxN is not None:
+        policy_logp = jnp.where(active, _token_logp(state.logits_BxV, sampled), zero)
+        state = state._replace(policy_logps_BxN=put(state.policy_logps_BxN, policy_logp))
     return state, sampled
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "static"))
-def _generate(params: Params, prompts_BxP: Array, lengths_B: Array, rng: Array, *,
-              graphdef: nnx.GraphDef, cfg: ModelConfig, static: _Static) -> SampleOutput:
+def _generate(params: Params, mixture_params: Optional[Params], mixture_coef: Array, prompts_BxP: Array,
+              lengths_B: Array, rng: Array, *, graphdef: nnx.GraphDef, cfg: ModelConfig,
+              static: _Static) -> SampleOutput:
     n = static.max_new_tokens
     b, p = prompts_BxP.shape
+    mixed = mixture_params is not None
     model = nnx.merge(graphdef, params)
+    partner = nnx.merge(graphdef, mixture_params) if mixed else None
     prompts_BxP = sharding.constrain(prompts_BxP.astype(jnp.int32), ("batch", "length"))
     lengths_B = sharding.constrain(lengths_B.astype(jnp.int32), ("batch",))
     # The last emitted token is never fed back, so N - 1 decode slots suffice.
     logits, cache = _prefill(model, cfg, prompts_BxP, lengths_B, p + n - 1, static.cache_dtype)
+    partner_logits, partner_cache = None, None
+    if mixed:  # the partner's own cache over the same prompts
+        partner_logits, partner_cache = _prefill(partner, cfg, prompts_BxP, lengths_B, p + n - 1,
+                                                 static.cache_dtype)
 
     def buffer(value: Any, dtype: Any) -> Array:
         return sharding.constrain(jnp.full((b, n), value, dtype), ("batch", "length"))
@@ -250,19 +310,27 @@ def _generate(params: Params, prompts_BxP: Array, lengths_B: Array, rng: Array, 
         sample_logps_BxN=buffer(0.0, jnp.float32),
         lengths_B=sharding.constrain(jnp.zeros((b,), jnp.int32), ("batch",)),
         done_B=sharding.constrain(jnp.zeros((b,), bool), ("batch",)),
+        partner_logits_BxV=partner_logits, partner_cache=partner_cache,
+        policy_logps_BxN=buffer(0.0, jnp.float32) if mixed else None,
     )
+    coef = mixture_coef if mixed else None
 
     def keep_going(state: _LoopState) -> Array:
         return (state.step < n - 1) & ~jnp.all(state.done_B)
 
     def step(state: _LoopState) -> _LoopState:
-        state, token = _emit(state, rng, static)
-        logits, cache = _decode_one(model, token, lengths_B + state.step, state.cache, p + state.step)
-        return state._replace(step=state.step + 1, logits_BxV=logits, cache=cache)
+        state, token = _emit(state, rng, static, coef)
+        positions, slot = lengths_B + state.step, p + state.step
+        logits, cache = _decode_one(model, token, positions, state.cache, slot)
+        state = state._replace(step=state.step + 1, logits_BxV=logits, cache=cache)
+        if mixed:  # the partner reads the same token, into its own cache
+            partner_logits, partner_cache = _decode_one(partner, token, positions, state.partner_cache, slot)
+            state = state._replace(partner_logits_BxV=partner_logits, partner_cache=partner_cache)
+        return state
 
     state = jax.lax.while_loop(keep_going, step, state)
     # The last token (or pads, when every row stopped early) comes from the final logits.
-    state, _ = _emit(state, rng, static)
+    state, _ = _emit(state, rng, static, coef)
     rows = ("batch", "length")
     return SampleOutput(
         tokens_BxN=sharding.constrain(state.tokens_BxN, rows),
@@ -270,6 +338,7 @@ def _generate(params: Params, prompts_BxP: Array, lengths_B: Array, rng: Array, 
         sample_logps_BxN=sharding.constrain(state.sample_logps_BxN, rows),
         lengths_B=sharding.constrain(state.lengths_B, ("batch",)),
         done_B=sharding.constrain(state.done_B, ("batch",)),
+        policy_logps_BxN=sharding.constrain(state.policy_logps_BxN, rows) if mixed else None,
     )
 
 
@@ -292,10 +361,33 @@ def _check_inputs(prompts_BxP: Any, prompt_lengths_B: Any, max_new_tokens: int) 
                          f"got min {lengths.min()}, max {lengths.max()}")
 
 
+def _check_mixture(params: Params, mixture_params: Params, mixture_coef: Any) -> None:
+    """The partner must fit the same graphdef (same tree and shapes); a concrete coefficient is in [0, 1]."""
+    ours, theirs = _leaf_shapes(params), _leaf_shapes(mixture_params)
+    for name in sorted(ours.keys() | theirs.keys()):
+        if ours.get(name) != theirs.get(name):
+            have = {which: "nothing" if shape is None else f"shape {shape}"
+                    for which, shape in (("ours", ours.get(name)), ("theirs", theirs.get(name)))}
+            raise ValueError(f"mixture_params must be weights of the same model as params (same graphdef and "
+                             f"cfg; a LoRA policy's partner is its base weights), but at {name} params has "
+                             f"{have['ours']} and mixture_params has {have['theirs']}")
+    if isinstance(mixture_coef, jax.core.Tracer):
+        return
+    coef = float(np.asarray(mixture_coef))
+    if not 0.0 <= coef <= 1.0:  # also rejects NaN
+        raise ValueError(f"mixture_coef must be in [0, 1] (0 = the policy alone, 1 = the partner alone), "
+                         f"got {coef}")
+
+
+def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    return {jax.tree_util.keystr(path): np.shape(x) for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 def generate(graphdef: nnx.GraphDef, params: Params, cfg: ModelConfig, prompts_BxP: Array,
              prompt_lengths_B: Array, *, max_new_tokens: int, rng: Array, temperature: float = 1.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None, greedy: bool = False,
              stop_tokens: Sequence[int] = (), pad_id: int = 0, cache_dtype: Optional[str] = None,
+             mixture_params: Optional[Params] = None, mixture_coef: Array | float = 0.5,
              ) -> SampleOutput:
     """Samples up to `max_new_tokens` tokens after each right-padded prompt (see module docstring).
 
@@ -308,13 +400,20 @@ def generate(graphdef: nnx.GraphDef, params: Params, cfg: ModelConfig, prompts_B
       stop_tokens: ids that end a row (the stop token is kept and counted in lengths_B).
       pad_id: written after a row has stopped.
       cache_dtype: KV cache dtype name ("bfloat16", ...); default cfg.dtype.
+      mixture_params: optional second weights for the same graphdef and cfg (the reference, a
+        LoRA policy's base): sample from the token-level geometric mixture with them (module
+        docstring); fills `policy_logps_BxN`. Both caches use cache_dtype.
+      mixture_coef: c in [0, 1], the partner's exponent (0 = the policy alone, 1 = the partner
+        alone). Traced: changing it does not recompile. Ignored without mixture_params.
     """
     _check_inputs(prompts_BxP, prompt_lengths_B, max_new_tokens)
+    if mixture_params is not None:
+        _check_mixture(params, mixture_params, mixture_coef)
     static = _Static(
         max_new_tokens=int(max_new_tokens),
         sampling=SamplingSettings(temperature=float(temperature), top_k=top_k, top_p=top_p,
                                   greedy=bool(greedy)),
         stop_tokens=tuple(int(s) for s in stop_tokens), pad_id=int(pad_id), cache_dtype=cache_dtype,
     )
-    return _generate(params, jnp.asarray(prompts_BxP), jnp.asarray(prompt_lengths_B), rng,
-                     graphdef=graphdef, cfg=cfg, static=static)
+    return _generate(params, mixture_params, jnp.asarray(mixture_coef, jnp.float32), jnp.asarray(prompts_BxP),
+                     jnp.asarray(prompt_lengths_B), rng, graphdef=graphdef, cfg=cfg, static=static)

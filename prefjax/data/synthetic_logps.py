@@ -24,7 +24,7 @@ ATTRIBUTES = 3  # A for ratings
 # Fields that carry the *policy's* log-probs or outputs: gradients flow into these.
 POLICY_FIELDS = {
     types.PairLogps: ("chosen", "rejected", "chosen_token_logps", "rejected_token_logps",
-                      "chosen_token_kl", "rejected_token_kl", "gold"),
+                      "chosen_token_kl", "rejected_token_kl", "gold", "sample"),
     types.UnpairedLogps: ("logps", "kl_logps"),
     types.ListLogps: ("logps",),
     types.RewardPair: ("chosen", "rejected"),
@@ -35,8 +35,11 @@ POLICY_FIELDS = {
 def _field_value(cls: type, name: str, batch: int, rng: np.random.Generator) -> np.ndarray:
     """A plausible random value for one field of one container."""
     if cls is types.PairLogps:
-        if name in ("chosen", "rejected", "ref_chosen", "ref_rejected", "gold"):
+        if name in ("chosen", "rejected", "ref_chosen", "ref_rejected", "gold", "prev_chosen", "prev_rejected",
+                    "sample", "ref_sample"):
             return rng.uniform(-60.0, -5.0, batch)
+        if name.endswith("_from_reference"):  # XPO: the first example's chosen, the second's rejected
+            return (np.arange(batch) % 2 == (0 if name.startswith("chosen") else 1)).astype(np.float32)
         if name.endswith("_len"):
             return rng.integers(1, 30, batch).astype(np.float32)
         if name.endswith("_token_logps"):
@@ -59,6 +62,8 @@ def _field_value(cls: type, name: str, batch: int, rng: np.random.Generator) -> 
             return rng.uniform(-60.0, -5.0, batch)
         if name == "label":
             return np.arange(batch) % 2 == 0
+        if name == "score":  # Nash-MD's win probability
+            return rng.uniform(0.0, 1.0, batch)
         if name == "length":
             return rng.integers(1, 30, batch).astype(np.float32)
         if name == "weight":

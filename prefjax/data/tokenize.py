@@ -430,11 +430,16 @@ def _chat_sequence(
     return full_ids[:keep], mask[:keep], num_prompt
 
 
+def _plain_prompt_text(options: RenderOptions, prompt: Sequence[Mapping[str, Any]]) -> str:
+    """A prompt in plain-text rendering: its messages' contents, then the separator."""
+    return "".join(m["content"] for m in prompt) + options.text_separator
+
+
 def _text_sequence(
     enc: _Encoder, prompt: Sequence[Mapping[str, Any]], response: Sequence[Mapping[str, Any]]
 ) -> tuple[list[int], list[int], int]:
     """(ids, mask, number of prompt tokens) of the plain concatenation prompt + response."""
-    prompt_text = "".join(m["content"] for m in prompt) + enc.options.text_separator  # unscored
+    prompt_text = _plain_prompt_text(enc.options, prompt)  # unscored
     full_text = prompt_text + "".join(m["content"] for m in response)
     full_ids = list(enc.encode(full_text))
     num_prompt = enc.boundary(full_text, full_ids, prompt_text, "the prompt text")
@@ -483,3 +488,33 @@ def tokenize_example(
         response_masks=[np.asarray(mask[shared:], np.int8) for _, mask, _ in sequences],
         **_per_example_fields(example, options.rating_labels),
     )
+
+
+def tokenize_prompt(
+    prompt: Sequence[Mapping[str, Any]],
+    tokenizer: Tokenizer,
+    options: Optional[RenderOptions] = None,
+    *,
+    format: str = "chat",  # pylint: disable=redefined-builtin
+    source: str = "?",
+) -> np.ndarray:
+    """int32 ids of a canonical ``prompt`` (a message list) ready for generation: rendered as
+    :func:`tokenize_example` renders the prompt of an example of that ``format`` ("chat": the
+    template with the generation prompt; "text": plain text), BOS by the same rule. These are
+    the prompt ids tokenize_example gives such an example, unless a token of its responses
+    merges across the boundary (module docstring, step 2)."""
+    options = options or RenderOptions()
+    if format not in ("chat", "text"):
+        raise PreprocessError(f"{source}: field 'format' must be 'chat' or 'text', got {format!r}")
+    _check_conversation(prompt, "prompt", source, allow_empty=False)
+    enc = _Encoder(tokenizer, options, source)
+    if options.template is None or (format == "text" and options.text_format == "plain"):
+        ids = list(enc.encode(_plain_prompt_text(options, prompt)))
+    else:
+        ids = list(enc.encode(enc.render(prompt, generation_prompt=True)))
+    add_bos = tokenizer.adds_bos if options.add_bos is None else options.add_bos
+    if add_bos and tokenizer.bos_token_id is None:
+        raise ValueError(f"RenderOptions.add_bos is set but {tokenizer.folder} has no bos_token")
+    if add_bos and ids[:1] != [tokenizer.bos_token_id]:
+        ids = [tokenizer.bos_token_id] + ids
+    return np.asarray(ids, np.int32)

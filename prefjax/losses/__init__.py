@@ -15,6 +15,7 @@ from prefjax.losses import (  # noqa: F401  (imported for registration)
     fdpo,
     listwise,
     margins,
+    online,
     pairwise,
     reference_free,
     reward_model,

@@ -71,6 +71,14 @@ _FIELD_NEEDS = {
     "kl_logps": "mismatched pairs",
     "weight": "weights",
     "mask": "list masks",
+    # Online losses (prefjax.losses.online): columns an online batch carries.
+    "prev_chosen": "previous-iterate logps",
+    "prev_rejected": "previous-iterate logps",
+    "chosen_from_reference": "response origins",
+    "rejected_from_reference": "response origins",
+    "sample": "a policy sample",
+    "ref_sample": "a policy sample",
+    "score": "scores",
 }
 
 # Fields whose trailing axes are not just [B]: name -> number of axes.
@@ -145,7 +153,8 @@ class LossSpec:
 
         From the required fields: "reference logps", "lengths", "token logps",
         "token kl", "token masks", "scores", "margins", "gold response",
-        "mismatched pairs" (KTO's KL estimate); plus "ranked lists" for K-response
+        "mismatched pairs" (KTO's KL estimate), and for online losses "previous-iterate
+        logps", "response origins", "a policy sample"; plus "ranked lists" for K-response
         inputs and "state" for stateful losses. Optional fields (`uses`) are not
         needs: the loss works without them.
         """

@@ -59,6 +59,13 @@ class PairLogps:
       margin: [B] a per-pair margin or offset column.
       gold, gold_len: [B] log-prob and length of a gold response (Triple-PO).
       weight: [B] caller's per-example weight (see module docstring).
+      prev_chosen, prev_rejected: [B] log pi_t of chosen / rejected under the
+        previous iterate, the policy that sampled them (INPO).
+      chosen_from_reference, rejected_from_reference: [B] 1.0 where that
+        response was sampled from the reference, else 0.0 (XPO's exploration
+        term).
+      sample, ref_sample: [B] policy / reference log-prob of a fresh policy
+        sample for the pair's prompt (HyPO's reverse-KL term).
     """
 
     chosen: Array
@@ -79,6 +86,13 @@ class PairLogps:
     gold: Optional[Array] = None
     gold_len: Optional[Array] = None
     weight: Optional[Array] = None
+    # Online fields (prefjax.online); after `weight` so positional construction keeps its meaning.
+    prev_chosen: Optional[Array] = None
+    prev_rejected: Optional[Array] = None
+    chosen_from_reference: Optional[Array] = None
+    rejected_from_reference: Optional[Array] = None
+    sample: Optional[Array] = None
+    ref_sample: Optional[Array] = None
 
     @classmethod
     def from_token_logps(
@@ -130,6 +144,8 @@ class UnpairedLogps:
         (x, y') pairs (each prompt with another example's response), used by
         KTO to estimate its KL baseline z0.
       weight: [B] caller's per-example weight (0 = padding).
+      score: [B] a win probability P(y > y') of the response against a
+        comparison response y' (Nash-MD: y' drawn from the geometric mixture).
     """
 
     logps: Array
@@ -139,6 +155,7 @@ class UnpairedLogps:
     kl_logps: Optional[Array] = None
     ref_kl_logps: Optional[Array] = None
     weight: Optional[Array] = None
+    score: Optional[Array] = None
 
 
 @_pytree_dataclass

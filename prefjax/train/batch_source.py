@@ -15,8 +15,11 @@ into the checkpoint's metadata and comes back through `restore`. Implementations
 - `prefjax.train.reference_cache.attach_to(source, cache)`: another source's batches
   with the precomputed reference's log-probs attached.
 
-An online sampler that makes batches from the live policy is a third kind: the loop
-does not change.
+A source that samples from the live policy (prefjax.online.source.OnlineSource) is a
+third kind, a `LivePolicySource`: the loop hands it the run's pieces once (`bind`) and
+the current train state before every batch (`observe`), so that it samples from the
+parameters the last step produced, on the same mesh, without a copy. Its columns are
+known without reading a batch, and it may bring the reference's log-probs itself.
 """
 
 from __future__ import annotations
@@ -46,3 +49,23 @@ class BatchSource(Protocol):
 
     def close(self) -> None:
         """Release threads and files."""
+
+
+@runtime_checkable
+class LivePolicySource(BatchSource, Protocol):
+    """A BatchSource whose batches depend on the policy being trained (module docstring)."""
+
+    provides_reference_logps: bool  # its batches carry ref_logps (reference.kind="precomputed" in the step)
+
+    def columns(self) -> Any:
+        """The optional data columns its batches have (prefjax.train.loss_inputs.Columns)."""
+
+    def bind(self, setup: Any, mesh: Any, rules: Any) -> None:
+        """The run's model, roles and fixed weights (prefjax.train.setup.Setup) and its mesh, before the
+        first batch (and before a restore's `restore`)."""
+
+    def observe(self, state: Any) -> None:
+        """The train state the next batch is sampled from."""
+
+    def pop_metrics(self) -> dict[str, float]:
+        """What it measured since the last call (mean reward, KL, ...), logged with the step."""

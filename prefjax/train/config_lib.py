@@ -57,7 +57,7 @@ def trainer_config() -> ConfigDict:
     generated key reference, configs/README.md (`python -m prefjax.train.config_reference --write`).
     """
     c = ConfigDict()
-    c.job = "train"  # "train" runs this trainer; "quickstart" is configs/quickstart.py's job
+    c.job = "train"  # "train": this trainer; "online": it, on samples from the policy; "quickstart": its own job
     c.seed = 0  # model initialisation, data order and synthetic data
     c.total_steps = 20  # optimizer steps of the run (a resumed run continues to this count)
     c.grad_accum = 1  # micro-batches per step (data.batch_size must divide by it)
@@ -170,6 +170,40 @@ def trainer_config() -> ConfigDict:
         # checksums of the saved state written with each checkpoint and checked (with finiteness) on
         # restore; a damaged checkpoint is moved to <workdir>/checkpoints-damaged and the previous one used
         verify=True,
+    ))
+    c.online = ConfigDict(dict(
+        # job="online" (prefjax.online): online_dpo | iterative_dpo | xpo | nash_md | sppo | inpo | hypo
+        algorithm="online_dpo",
+        # where prompts come from: "task:arithmetic" / "task:sentiment" (the quick start's tasks), or any data
+        # source prefjax.data reads whose rows have a prompt ("" = data.source)
+        prompts="",
+        samples_per_prompt=2,  # K responses sampled per prompt (nash_md and xpo: one, plus their opponent's)
+        # 0: fresh samples every step (data.batch_size prompts; online); N: rounds of N prompts sampled from
+        # the policy at the round's start, trained on for epochs_per_round epochs (iterative)
+        prompts_per_round=0,
+        epochs_per_round=1,  # passes over each round's examples
+        pairs="best_worst",  # K scored samples -> one pair: best_worst (West-of-N) | random (two samples)
+        # the reference's log-probs: "initial" (the starting policy, scored when sampling), "previous_iterate"
+        # (the sampler's own log-probs: pi_t, no reference weights), "auto" (what the algorithm's paper uses)
+        reference="auto",
+        max_new_tokens=32,  # most tokens sampled per response (its EOS included)
+        temperature=1.0,  # sampling temperature (the log-probs the losses read are untempered)
+        top_p=1.0,  # nucleus sampling (1 = off)
+        top_k=0,  # top-k sampling (0 = off)
+        mixture_coef=0.5,  # nash_md: c in the token-level mixture softmax((1 - c) log pi + c log pi_ref)
+        sample_batch=0,  # prompts per sampler call (0 = data.batch_size); a multiple of the data devices
+        reward=ConfigDict(dict(
+            # where rewards come from: "task:<name>", "module:function" or "file.py:function" (a Python reward
+            # function), "rm:<folder or Hub id>" (a reward model, on the trainer's mesh), "preference:module:function"
+            # (a pairwise judge P(a > b)); several are mixed with `weights`
+            sources=(),
+            weights=(),  # one weight per source (() = equal)
+            preference_scale=1.0,  # scalar rewards -> P(a > b) = sigmoid(scale * (r_a - r_b)); inf = hard labels
+        )),
+        store=ConfigDict(dict(
+            format="jsonl",  # the sample store's files under <workdir>/samples: jsonl | parquet
+            keep_rounds=100,  # the newest rounds kept (at least the current one)
+        )),
     ))
     c.log_every = 1  # steps between metric lines
     c.eval_every = 0  # 0: evaluate only at the end (when there is eval data)

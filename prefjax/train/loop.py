@@ -65,7 +65,7 @@ from prefjax.train import (
 )
 from prefjax.train import metrics as metrics_lib
 from prefjax.train import setup as setup_lib
-from prefjax.train.batch_source import BatchSource
+from prefjax.train.batch_source import BatchSource, LivePolicySource
 from prefjax.train.state import TrainState
 
 logger = logging.getLogger(__name__)
@@ -205,20 +205,26 @@ def _open(config: ml_collections.ConfigDict, workdir: Path, mesh: Mesh, rules: A
     kind = config_lib.data_kind(config.loss_name, config.reward.num_labels)
     model = setup_lib.build_model(config, mesh, rules)
     cfg, tokenizer = model.cfg, model.tokenizer
-    if source is not None and setup_lib.reference_role(config).kind == "precomputed":
+    live = isinstance(source, LivePolicySource)
+    brings_reference = live and source.provides_reference_logps
+    if source is not None and setup_lib.reference_role(config).kind == "precomputed" and not brings_reference:
         raise config_lib.ConfigError("reference.kind='precomputed' computes its cache from data.source; a run "
                                      "given its own batch source needs a reference that runs in the step")
     label = f"data.source={config.data.source!r}" if source is None else f"the {type(source).__name__}"
+    first = None
     with _naming_the_source(label):
         if source is None:
             source = streams.make_stream(config, config.data.source, kind=kind, vocab_size=cfg.vocab_size,
                                          tokenizer=tokenizer, train=True)
         opened.append(source)
-        first = _next_batch(source, config, current_step=latest or 0)
-    columns = loss_inputs.Columns.present_in(first)
-    _check_columns(config, columns)
+        if not live:  # a live source's first batch needs the policy: it is sampled in the loop
+            first = _next_batch(source, config, current_step=latest or 0)
+    columns = source.columns() if live else loss_inputs.Columns.present_in(first)
+    _check_columns(config, columns, source.num_responses)
     setup = setup_lib.build(config, mesh, rules, model=model, columns=columns)
     del model
+    if live:
+        source.bind(setup, mesh, rules)
     if setup.spec.policy.reward_head:
         # rated data without reward.labels: the attribute names the data has (e.g. HelpSteer2's five)
         found = getattr(source, "rating_labels", None) if kind == "rated" and not config.reward.labels else None
@@ -226,7 +232,7 @@ def _open(config: ml_collections.ConfigDict, workdir: Path, mesh: Mesh, rules: A
         if config.checkpoint.export_hf:
             setup.reward_pad_id = export.reward_pad_id(config, setup, source.pad_id, workdir)
     eval_cache = None
-    if setup.spec.reference.kind == "precomputed":
+    if setup.spec.reference.kind == "precomputed" and not brings_reference:
         cache = reference_cache.prepare(config, setup, workdir, mesh, rules, kind=kind)
         source, first = reference_cache.attach_to(source, cache), cache.attach(first)
         if config.data.eval_source:
@@ -294,11 +300,24 @@ def _next_batch(source: BatchSource, config: ml_collections.ConfigDict, current_
             f"total_steps={current_step}") from None
 
 
-def _check_columns(config: ml_collections.ConfigDict, columns: loss_inputs.Columns) -> None:
+# Fields only online batches fill (prefjax.online), with the online algorithm that runs the loss.
+_ONLINE_FIELDS = {"prev_chosen": ("sampler_logps", "inpo"), "chosen_from_reference": ("origin", "xpo"),
+                  "sample": ("num_responses", "hypo"), "score": ("scores", "nash_md")}
+
+
+def _check_columns(config: ml_collections.ConfigDict, columns: loss_inputs.Columns,
+                   num_responses: Optional[int] = None) -> None:
     needs = registry.get(config.loss_name).requires
     if ("score_chosen" in needs or "score_rejected" in needs) and not columns.scores:
         raise config_lib.ConfigError(f"loss {config.loss_name!r} needs per-response scores, but the data "
                                      f"({config.data.source!r}) has no score columns")
+    for field, (column, algorithm) in _ONLINE_FIELDS.items():
+        present = num_responses == 3 if column == "num_responses" else getattr(columns, column)
+        if field in needs and not present:
+            raise config_lib.ConfigError(
+                f"loss {config.loss_name!r} reads {field!r}, which online batches carry (samples drawn from the "
+                f"policy as it trains): run it with job='online' and online.algorithm={algorithm!r} "
+                "(configs/online.py)")
 
 
 class StepReporter:
@@ -441,10 +460,14 @@ def _train_steps(current: Run, reporter: StepReporter) -> dict[str, Any]:
     timer = metrics_lib.StepTimer()
     step_fn: Optional[CompiledStep] = None
     held: dict[int, Batch] = {}  # each dispatched step's local batch, until its metrics are reported
+    live = isinstance(current.source, LivePolicySource)
+    sampled: dict[int, dict[str, float]] = {}  # a live source's measurements for each dispatched step
 
     def report(fetched: Optional[tuple[int, dict[str, float]]]) -> None:
         if fetched is not None:  # lap now: the step's metrics have just reached the host
-            reporter.report(fetched, timer.lap(), held.pop(fetched[0]))
+            step_done = fetched[0]
+            values = {**fetched[1], **sampled.pop(step_done, {})}
+            reporter.report((step_done, values), timer.lap(), held.pop(step_done))
 
     def compile_stats() -> dict[str, Any]:
         return dict(compile_seconds=step_fn.seconds if step_fn else 0.0,
@@ -454,8 +477,12 @@ def _train_steps(current: Run, reporter: StepReporter) -> dict[str, Any]:
     watcher = preemption.PreemptionWatcher()
     with watcher:
         for step in range(current.start, total):
+            if live:
+                current.source.observe(current.state)  # samples come from the policy this step updates
             local = current.first if current.first is not None else _next_batch(current.source, config, step)
             current.first = None
+            if live:
+                sampled[step + 1] = current.source.pop_metrics()
             batch = local.to_global(current.mesh, current.rules, current.source.pad_id)
             if step_fn is None:
                 step_fn = CompiledStep(steps.jit_train_step(setup.spec, setup.model, setup.tx, setup.schedule,

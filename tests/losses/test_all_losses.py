@@ -31,7 +31,14 @@ NON_MONOTONE_PAIRWISE = {
     "exo": "matches sigma(beta h) to 1 - eps, not to 1",
     "nca": "its -1/2 log sigma(-r_w) term pushes rho_w down once r_w is large",
     "apo_down": "pushes the chosen likelihood down (its sigma(beta rho_w) term)",
+    "sppo": "regresses rho_w onto eta (P_w - 1/2)",
+    "inpo": "regresses its margin h_t onto eta/2",
+    "xpo": "its exploration term lowers a chosen response that the reference sampled",
 }
+
+# Unpaired losses whose feedback is a win probability (`score`), not the label: the sign of
+# d loss / d logps follows p - 1/2 at the reference (checked in the label test below).
+SCORED_NOT_LABELLED = {"nash_md": "score-function surrogate on P(y > y')"}
 
 
 def _call(spec, inputs, state=None, **hparams):
@@ -126,7 +133,8 @@ def _extreme_inputs(spec, seed: int):
             continue
         shape = value.shape
         if name in ("chosen", "rejected", "ref_chosen", "ref_rejected", "gold", "logps", "ref_logps",
-                    "kl_logps", "ref_kl_logps") or name.endswith("_token_logps"):
+                    "kl_logps", "ref_kl_logps", "prev_chosen", "prev_rejected", "sample", "ref_sample") \
+                or name.endswith("_token_logps"):
             if spec.inputs is types.RewardPair:  # rewards, not log-probs
                 replaced[name] = rng.choice([-1e4, 0.0, 1e4], shape)
             else:
@@ -183,6 +191,8 @@ def test_raising_the_chosen_logprob_never_raises_a_monotone_pairwise_loss(name):
         witnesses = [
             dataclasses.replace(inputs, chosen=inputs.ref_chosen + 200.0, rejected=inputs.ref_rejected),
             dataclasses.replace(inputs, chosen=inputs.ref_chosen, rejected=inputs.ref_rejected + 50.0),
+            # past SPPO's target eta (P_w - 1/2) at its default eta = 1000
+            dataclasses.replace(inputs, chosen=inputs.ref_chosen + 5000.0, rejected=inputs.ref_rejected),
         ]
         assert any(bool(jnp.any(grad_fn(w.chosen, w) > 0)) for w in witnesses), name
         return
@@ -198,6 +208,12 @@ def test_raising_the_chosen_logprob_never_raises_a_monotone_pairwise_loss(name):
 def test_unpaired_losses_reward_desirable_and_penalise_undesirable(name):
     spec = losses.get(name)
     inputs = synthetic.make_inputs(spec, batch=16, seed=8)
+    if name in SCORED_NOT_LABELLED:
+        # At the reference (rho = 0) only the win probability moves the sample: up iff p > 1/2.
+        inputs = dataclasses.replace(inputs, logps=inputs.ref_logps)
+        g = jax.grad(lambda l: _loss_of_policy(spec, inputs)({"logps": l}))(inputs.logps)
+        np.testing.assert_array_equal(np.sign(g), -np.sign(np.asarray(inputs.score) - 0.5))
+        return
     g = jax.grad(lambda l: _loss_of_policy(spec, inputs)({"logps": l}))(inputs.logps)
     label = np.asarray(inputs.label).astype(bool)
     assert bool(jnp.all(g[label] <= 1e-6)), f"{name}: desirable gradient > 0"

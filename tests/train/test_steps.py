@@ -56,7 +56,17 @@ def _spec(name, reference=None, **kw):
     hparams = tuple(sorted(loss.hparam_defaults.items()))
     return steps.StepSpec(loss_name=name, loss_hparams=hparams, reference=reference,
                           policy=roles.Policy(reward_head=loss.inputs in (types.RewardPair, types.RatedResponses)),
-                          columns=loss_inputs.Columns(scores=True, margin=True), **kw), (kind, k)
+                          columns=loss_inputs.Columns(scores=True, margin=True, sampler_logps=True, origin=True),
+                          **kw), (kind, k)
+
+
+def _online_batch(loss, kind, k, seed):
+    """An online loss's batch: sampler log-probs and origins, and (HyPO) a third response, its policy sample."""
+    k = 3 if "sample" in loss.requires else k
+    batch = _batch(kind, k, seed=seed)
+    rng = np.random.default_rng(seed)
+    return batch.replace(sampler_logps=jnp.asarray(rng.uniform(-30.0, -5.0, (batch.num_examples, k)), jnp.float32),
+                         origin=jnp.asarray(rng.integers(0, 2, (batch.num_examples, k)), jnp.float32))
 
 
 # The model is the same whatever the loss: CI's second pass on the accelerator's code path
@@ -75,8 +85,9 @@ def test_every_registered_loss_runs_through_the_step(name):
     state = _state(spec, params)
     before = jax.device_get(state.params)
     step = _step(spec)
-    state, m1 = step(state, frozen, _batch(kind, k, seed=0))
-    state, m2 = step(state, frozen, _batch(kind, k, seed=1))
+    batches = [_online_batch(spec.loss, kind, k, seed) for seed in (0, 1)]
+    state, m1 = step(state, frozen, batches[0])
+    state, m2 = step(state, frozen, batches[1])
     for m in (m1, m2):
         assert np.isfinite(float(m["loss"])) and float(m["nonfinite"]) == 0.0, name
         # beta-DPO keeps a fraction rho of the batch, SFT the desirable half (labels alternate);
