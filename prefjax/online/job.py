@@ -88,8 +88,9 @@ def check(config: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     if o.prompts_per_round < 0 or (o.prompts_per_round and o.prompts_per_round % config.data.batch_size):
         _fail(f"online.prompts_per_round={o.prompts_per_round} must be 0 (every step) or a multiple of "
               f"data.batch_size={config.data.batch_size}")
-    if config.data.pack or config.data.share_prefix:
-        _fail("online batches are unpacked rows: set data.pack=False and data.share_prefix=False")
+    if config.data.pack:
+        _fail("online batches hold one example per row (data.share_prefix=True puts a prompt once before its "
+              "samples): set data.pack=False")
     if o.store.keep_rounds < 1:
         _fail(f"online.store.keep_rounds={o.store.keep_rounds} must be >= 1 (a resume reads the current round)")
     devices = jax.device_count() if num_devices is None else num_devices

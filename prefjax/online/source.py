@@ -43,7 +43,7 @@ import numpy as np
 
 from prefjax import batch as batch_lib
 from prefjax.batch import Batch
-from prefjax.data import streams
+from prefjax.data import prefix_sharing, streams
 from prefjax.online import algorithms, pairs, rollout
 from prefjax.online import prompts as prompts_lib
 from prefjax.online import rewards as rewards_lib
@@ -452,8 +452,15 @@ class OnlineSource:
         e = self._examples
         batch = Batch.from_responses([e["prompt_ids"][i] for i in mine], [e["responses"][i] for i in mine],
                                      self.rollout.settings.row_length, self.pad_id)
-        return batch.replace(weight=e["weight"][mine], scores=e["scores"][mine], ref_logps=e["ref_logps"][mine],
-                             **self._extra_columns(e["sampler_logps"][mine], e["origin"][mine]))
+        batch = batch.replace(weight=e["weight"][mine], scores=e["scores"][mine], ref_logps=e["ref_logps"][mine],
+                              **self._extra_columns(e["sampler_logps"][mine], e["origin"][mine]))
+        if self.config.data.share_prefix and self.num_responses > 1:
+            # the prompt once, then each sample: fewer tokens through the step, and one row length
+            # (the longest possible row) so that it compiles once
+            settings = self.rollout.settings
+            longest = settings.prompt_width + self.num_responses * settings.max_new_tokens
+            batch = prefix_sharing.share_prefixes(batch, multiple=longest, pad_id=self.pad_id)
+        return batch
 
 
 class _Labels:

@@ -457,7 +457,8 @@ def _check_reference(config: ConfigDict) -> None:
         if "chosen_token_kl" in spec.requires or "kl_logps" in spec.requires:
             _fail(f"loss {config.loss_name!r} needs reference log-probs per token or on mismatched pairs, "
                   "which a precomputed reference does not store; use reference.kind='frozen'")
-        if _mixing_layout(config):
+        # (an online run's batches bring the log-probs of their own samples, in any layout)
+        if _mixing_layout(config) and config.job != "online":
             _fail(f"reference.kind='precomputed' needs unpacked batches ({_mixing_layout(config)}=False)")
         if ref.refresh != "none":
             _fail("a precomputed reference cannot be updated during training (reference.refresh='none')")

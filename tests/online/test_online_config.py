@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
     ("online_dpo", {"online.temperature": 0.0}, r"online.temperature=0.0 must be > 0"),
     ("online_dpo", {"online.max_new_tokens": 16}, r"data.max_len=16 leaves no room for a prompt"),
     ("online_dpo", {"online.pairs": "all"}, r"online.pairs='all'; choose one of"),
-    ("online_dpo", {"data.share_prefix": True}, r"online batches are unpacked rows"),
+    ("online_dpo", {"data.pack": True}, r"online batches hold one example per row"),
 ])
 def test_bad_online_settings_are_refused_naming_the_key(algorithm, updates, message):
     config = helpers.online_config(Path("/nonexistent"), algorithm, **updates)

@@ -174,3 +174,14 @@ def test_hypo_trains_on_offline_pairs_with_a_fresh_policy_sample_each(model_fold
     assert all(np.isfinite(r["ref_logps"]).all() for r in rows)
     records = _metrics(tmp_path / "run")
     assert all(np.isfinite(r["loss"]) and np.isfinite(r["online/kl"]) for r in records)
+
+
+def test_prompts_shared_by_their_samples_train_exactly_as_unshared_rows(model_folder, tmp_path):
+    """data.share_prefix: each prompt once, then its samples (fewer tokens in the step); the same losses."""
+    updates = {"online.reward.sources": ("tests.online.reward_fns:digits",), "total_steps": 3}
+    job.run(helpers.online_config(model_folder, **updates), tmp_path / "rows")
+    job.run(helpers.online_config(model_folder, **updates, **{"data.share_prefix": True}), tmp_path / "shared")
+    a, b = _metrics(tmp_path / "rows"), _metrics(tmp_path / "shared")
+    np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-5, atol=1e-6)
+    assert any(r["loss"] != a[0]["loss"] for r in a[1:])
+    assert all(shared["tokens"] < rows["tokens"] for shared, rows in zip(b, a))  # each prompt counted once
