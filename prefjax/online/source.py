@@ -22,7 +22,7 @@ round again from the restored policy, with the round's own key (the same samples
 a run resumed in the middle of a round reads the round back from the sample store, so the
 trajectory is the same either way.
 
-Metrics (logged with the step that starts a round): online/reward (mean over all samples),
+Metrics (of the round each step trains on; measured when the round is sampled): online/reward (mean over all samples),
 online/kl (mean log pi(y) - log pi_ref(y) over the policy's samples at temperature 1, an
 unbiased estimate of KL(pi || pi_ref) when the reference is the initial policy),
 online/response_tokens, online/complete (fraction of samples that ended with a stop token),
@@ -168,8 +168,9 @@ class OnlineSource:
         self._state = state
 
     def pop_metrics(self) -> dict[str, float]:
-        metrics, self._metrics = self._metrics, {}
-        return metrics
+        """The metrics of the round the last batch came from (every step of a round reports them, so
+        that a round starting on a step that is not logged is still seen)."""
+        return dict(self._metrics)
 
     def __iter__(self) -> Iterator[Batch]:
         return self
@@ -234,6 +235,10 @@ class OnlineSource:
         self.store.drop_after(round_index)
 
     def _start_round(self, round_index: int) -> None:
+        if self._state is not None:
+            # the previous step is still running (dispatch is asynchronous): wait for it here, so that
+            # online/sample_seconds times the sampling alone
+            jax.block_until_ready(self._state.params)
         if self.offline is not None:
             rows = self._offline_round(round_index)
             self.store.write_round(round_index, rows)

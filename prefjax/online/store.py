@@ -6,12 +6,14 @@
     store.rounds()                   # [1, 2, 3]: the rounds on disk, oldest first
     store.drop_after(2)              # resuming at round 2: later rounds are replayed, so deleted
 
-A row is one prompt with its K samples (the issue-20 contract's schema): ``prompt`` (str),
+A row is one prompt with its K samples, as prefjax.online.source writes it: ``prompt`` (str),
 ``responses`` ([str] * K), ``scores`` ([float] * K, the rewards), ``prompt_ids`` ([int]),
-``response_ids`` ([[int]] * K), ``logps`` / ``ref_logps`` / ``sampler_logps`` ([float] * K),
-``origin`` ([int] * K), ``step``, ``round``, and ``chosen_index`` / ``rejected_index`` when a pair
-was built. The store does not check the schema: it keeps whatever JSON-able dicts it is given
-(numpy scalars and arrays become Python numbers and lists).
+``response_ids`` ([[int]] * K), ``logps`` (the sampling policy's own, untempered) / ``ref_logps`` /
+``sampling_logps`` (under the tempered, filtered distribution sampled from) ([float] * K),
+``complete`` and ``origin`` ([bool] / [int] * K), ``step``, ``round``, and what the step trains
+on: ``train_indices``, ``train_scores``, ``weight``. The store does not check the schema: it
+keeps whatever JSON-able dicts it is given (numpy scalars and arrays become Python numbers and
+lists).
 
 Files. ``round_000003.jsonl`` (one JSON object per line; floats are written with ``repr``, so
 they read back bit for bit, NaN and infinities included as JSON's ``NaN`` / ``Infinity``) or
