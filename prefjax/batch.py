@@ -269,8 +269,8 @@ class Batch:
                 r, row = rs[j], j * b + i
                 n = len(p) + len(r)
                 if n > length:
-                    raise ValueError(f"example {i}, response {j}: prompt ({len(p)}) + response ({len(r)}) tokens "
-                                     f"exceed the row length {length}")
+                    raise ValueError(f"row {row} (example {i}, response {j}): prompt ({len(p)}) + response "
+                                     f"({len(r)}) tokens exceed the row length {length}")
                 tokens[row, :n] = list(p) + list(r)
                 loss_mask[row, len(p):n] = 1.0
                 segments[row, :n] = 1
